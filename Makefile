@@ -1,0 +1,30 @@
+# The two commands a new user needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m memlm_jax.train --gin_file=configs/tiny/lm_demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+	$(PY) -m memlm_jax.eval --gin_file=configs/tiny/lm_demo.gin --gin_file=configs/runs/eval.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) scripts/bench_train_step.py --output=results/bench_train_step.json
+
+clean:
+	rm -rf $(VENV) runs results

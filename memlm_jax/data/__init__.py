@@ -1,0 +1,1 @@
+"""Input pipelines: seqio tasks, feature conversion, per-host iterators."""

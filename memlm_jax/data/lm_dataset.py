@@ -1,0 +1,110 @@
+"""Per-host LM batches from a seqio task or mixture, with a checkpointable position.
+
+The pipeline is deterministic given the seed: seqio shuffles with it, tf.data runs
+deterministically, and the iterator's position is saved with each checkpoint
+(`TfDataIterator.save/restore`), as t5x does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Iterator
+
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """What to read and how to batch it (t5x's DatasetConfig, for decoder-only LMs).
+
+  batch_size is the global batch; each host reads batch_size / process_count rows.
+  """
+
+  mixture_or_task_name: str = gin.REQUIRED
+  sequence_length: int = gin.REQUIRED
+  batch_size: int = gin.REQUIRED
+  split: str = "train"
+  shuffle: bool = True
+  seed: int = 0
+  pack: bool = True
+  num_epochs: int | None = None  # None repeats forever
+  module: str | None = None  # imported first: registers user seqio tasks
+  use_cached: bool = False
+
+
+def get_task(config: DatasetConfig) -> seqio.Task | seqio.Mixture:
+  if config.module:
+    importlib.import_module(config.module)
+  try:
+    return seqio.get_mixture_or_task(config.mixture_or_task_name)
+  except ValueError as error:
+    raise ValueError(f"DatasetConfig.mixture_or_task_name {config.mixture_or_task_name!r} is not a registered seqio "
+                     f"task or mixture (import its module with DatasetConfig.module).") from error
+
+
+def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.data.Dataset:
+  """This host's shard of the converted, batched dataset (numpy-ready features)."""
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"DatasetConfig.batch_size={config.batch_size} must be divisible by the number of hosts "
+                     f"({jax.process_count()}).")
+  task = get_task(config)
+  if config.split not in task.splits:
+    raise ValueError(f"split {config.split!r} is not in task {task.name!r} (it has {list(task.splits)}).")
+  converter = seqio.DecoderFeatureConverter(pack=config.pack)
+  dataset = seqio.get_dataset(
+      config.mixture_or_task_name,
+      task_feature_lengths={"targets": config.sequence_length},
+      dataset_split=config.split,
+      shuffle=config.shuffle,
+      num_epochs=config.num_epochs,
+      feature_converter=converter,
+      shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
+      use_cached=config.use_cached,
+      seed=config.seed,
+  )
+  options = tf.data.Options()
+  options.deterministic = True
+  dataset = dataset.with_options(options)
+  return dataset.batch(config.batch_size // jax.process_count(), drop_remainder=drop_remainder)
+
+
+class TfDataIterator:
+  """numpy batches from a tf.data.Dataset, with the position saved as a tf checkpoint."""
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._iterator = iter(dataset)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+  def __iter__(self) -> "TfDataIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+  def save(self, path: str) -> None:
+    self._checkpoint.write(path)
+
+  def restore(self, path: str) -> None:
+    self._checkpoint.read(path).assert_consumed()
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Pads a short final eval batch with all-zero rows (zero loss weight)."""
+  n = next(iter(batch.values())).shape[0]
+  if n == batch_size:
+    return batch
+  return {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def eval_batches(config: DatasetConfig) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `config.split`, unshuffled, final batch zero-padded."""
+  config = dataclasses.replace(config, shuffle=False, num_epochs=1)
+  local_batch = config.batch_size // jax.process_count()
+  for batch in get_dataset(config, drop_remainder=False).as_numpy_iterator():
+    yield pad_batch(batch, local_batch)

@@ -1,0 +1,151 @@
+"""t5x-style gin flags for the launchers: --gin_file, --gin_bindings, --gin_search_paths
+and the `--gin.NAME=value` shorthand, with one-line errors for bad configs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from typing import Sequence
+
+import gin
+from absl import flags
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order (searched in --gin_search_paths).")
+GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files.")
+GIN_SEARCH_PATHS = flags.DEFINE_list("gin_search_paths", [".", _REPO_ROOT, os.path.join(_REPO_ROOT, "configs")],
+                                     "Directories searched for --gin_file and gin `include`s.")
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding is wrong; the message is one line naming it."""
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=value` (or `--gin.NAME value`) -> `--gin_bindings=NAME = value`."""
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--gin.") and arg != "--gin.":
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep:
+        if i + 1 >= len(argv):
+          raise GinConfigError(f"{arg} has no value; write --gin.{name}=VALUE.")
+        value, i = argv[i + 1], i + 1
+      out.append(f"--gin_bindings={name} = {value}")
+    else:
+      out.append(arg)
+    i += 1
+  return out
+
+
+def _find(path: str, search_paths: Sequence[str]) -> str:
+  candidates = [path] if os.path.isabs(path) else [os.path.join(d, path) for d in search_paths]
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      return candidate
+  raise GinConfigError(f"gin file {path!r} not found (searched {list(dict.fromkeys(search_paths))}).")
+
+
+def _one_line(error: Exception) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  reason = lines[0] if lines else type(error).__name__
+  if isinstance(error, SyntaxError) and getattr(error, "filename", None):
+    return f"{reason} in {error.filename!r}: {(error.text or '').strip()!r}"
+  if len(lines) >= 3 and lines[1].startswith("In "):
+    where = lines[1][3:].replace("bindings string", "--gin_bindings/--gin.X")
+    return f"{reason} ({where}: {lines[2]!r})"
+  return reason
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+  """Parses gin files then bindings; raises GinConfigError with a one-line message."""
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  resolved = [_find(f, search_paths) for f in files]
+  try:
+    gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=True)
+  except (ValueError, SyntaxError, OSError, TypeError, KeyError) as error:
+    raise GinConfigError("Gin config error: " + _one_line(error)) from None
+
+
+def parse_flags_and_gin() -> None:
+  """Parses the gin flags of the current process; exits with a one-line error on failure."""
+  try:
+    parse_gin(GIN_FILES.value, GIN_BINDINGS.value, GIN_SEARCH_PATHS.value)
+  except GinConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def model_dir() -> str:
+  """The MODEL_DIR macro; exits with a one-line error when it is not set."""
+  try:
+    value = gin.query_parameter("%MODEL_DIR")
+  except ValueError:
+    value = None
+  if not isinstance(value, str) or not value:
+    print("error: MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'path/to/dir'\".", file=sys.stderr)
+    sys.exit(2)
+  return value
+
+
+@contextlib.contextmanager
+def one_line_gin_errors():
+  """Turns gin's missing-REQUIRED-binding error (raised when a configurable is called,
+  before any compilation) into a one-line message and exit code 2."""
+  try:
+    yield
+  except RuntimeError as error:
+    if "Required bindings" not in str(error) and "gin.REQUIRED" not in str(error):
+      raise
+    print(f"error: Gin config error: {_one_line(error)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def exit_with_error(error: Exception, code: int = 1) -> None:
+  """Logs the traceback, prints one line `error: ...` (gin's call chain folded in) and exits."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.vlog(1, "Stopping on error", exc_info=error)
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  message = re.sub(r" \(<[^>]* at 0x[0-9a-f]+>\)", "", " ".join(lines))
+  print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def write_config(model_dir: str, name: str, text: str) -> None:
+  os.makedirs(model_dir, exist_ok=True)
+  tmp = os.path.join(model_dir, f".{name}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, os.path.join(model_dir, name))
+
+
+def run(main, argv: Sequence[str] | None = None) -> None:
+  """absl `app.run(main)` after rewriting `--gin.X=Y` flags."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    argv = rewrite_gin_args(argv)
+  except GinConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  app.call_after_init(quiet_library_logs)
+  app.run(main, argv=argv)
+
+
+class _DropChattyInfo:
+  """Drops INFO records from orbax / tensorstore internals (one line per file written)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or ("/orbax/" not in record.pathname and "/absl/logging" not in record.pathname)
+
+
+def quiet_library_logs() -> None:
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().addFilter(_DropChattyInfo())
+  py_logging.getLogger("absl").addFilter(_DropChattyInfo())

@@ -1,0 +1,1 @@
+"""Flax NNX building blocks shared by the models."""

@@ -1,0 +1,105 @@
+"""Multi-head causal attention with rotary position embeddings.
+
+Logical axis names used here: parameters `embed`, `heads`, `kv`; activations
+`act_batch`, `act_length`, `act_embed`, `act_heads`, `act_kv`.
+"""
+
+from __future__ import annotations
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import linen as nn_partitioning
+from flax import nnx
+
+_NEG_INF = -1e30
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_000.0) -> jax.Array:
+  """Rotates pairs of channels by position-dependent angles (RoFormer, half-split layout).
+
+  Args:
+    x: [batch, time, heads, head_dim], head_dim even.
+    positions: [batch, time] integer positions.
+  Returns:
+    [batch, time, heads, head_dim] in x.dtype.
+  """
+  head_dim = x.shape[-1]
+  if head_dim % 2:
+    raise ValueError(f"rotary_embedding needs an even head_dim, got {head_dim}.")
+  half = head_dim // 2
+  inv_freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, t, 1, half]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """Mask allowing position q to see k <= q within the same (non-zero) segment.
+
+  Args:
+    segment_ids: [batch, time] ints; 0 marks padding, packed examples have distinct ids.
+  Returns:
+    [batch, 1, time, time] bool.
+  """
+  length = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+  not_pad = (segment_ids != 0)[:, :, None]
+  return (causal[None] & same_segment & not_pad)[:, None]
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention with the softmax in float32.
+
+  Args:
+    query: [batch, q_time, heads, head_dim].
+    key, value: [batch, k_time, heads, head_dim].
+    mask: bool, broadcastable to [batch, heads, q_time, k_time].
+  Returns:
+    [batch, q_time, heads, head_dim] in query.dtype. Rows with nothing visible are zero.
+  """
+  scale = query.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask, logits, _NEG_INF)
+  weights = jax.nn.softmax(logits, axis=-1)
+  weights = jnp.where(mask, weights, 0.0)  # fully-masked (padding) rows attend to nothing
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+
+
+@gin.configurable
+class MultiHeadAttention(nnx.Module):
+  """Causal self-attention with RoPE over packed or padded sequences."""
+
+  def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, rope_max_wavelength: float = 10_000.0,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.head_dim = head_dim
+    self.rope_max_wavelength = rope_max_wavelength
+    self.dtype = dtype
+    in_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "heads", "kv"))
+    out_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("heads", "kv", "embed"))
+
+    def proj_in():
+      return nnx.LinearGeneral(embed_dim, (num_heads, head_dim), axis=-1, use_bias=False, kernel_init=in_init,
+                               dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+    self.query, self.key, self.value = proj_in(), proj_in(), proj_in()
+    self.out = nnx.LinearGeneral((num_heads, head_dim), embed_dim, axis=(-2, -1), use_bias=False,
+                                 kernel_init=out_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+  def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x: [batch, time, embed], positions: [batch, time] -> q, k, v each [batch, time, heads, head_dim]."""
+    names = ("act_batch", "act_length", "act_heads", "act_kv")
+    q = rotary_embedding(self.query(x), positions, self.rope_max_wavelength)
+    k = rotary_embedding(self.key(x), positions, self.rope_max_wavelength)
+    v = self.value(x)
+    return tuple(nn_partitioning.with_logical_constraint(t, names) for t in (q, k, v))
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """x: [batch, time, embed]; segment_ids, positions: [batch, time] -> [batch, time, embed]."""
+    q, k, v = self.project_qkv(x, positions)
+    attended = dot_product_attention(q, k, v, causal_segment_mask(segment_ids))
+    return self.out(attended)

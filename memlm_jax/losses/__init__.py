@@ -1,0 +1,1 @@
+"""Losses that are more than a line."""

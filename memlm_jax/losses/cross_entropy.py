@@ -1,0 +1,30 @@
+"""Token-level cross entropy, summed (not averaged) so callers can normalise over
+microbatches and hosts exactly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Sums of per-token loss, weight and correct predictions.
+
+  Args:
+    logits: [batch, time, vocab] (any float dtype; computed in float32).
+    targets: [batch, time] int token ids.
+    weights: [batch, time] loss weights (0 for padding).
+  Returns:
+    dict with float32 scalars `loss_sum`, `weight_sum`, `correct_sum`.
+  """
+  logits = logits.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  token_loss = log_z - target_logit
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {
+      "loss_sum": jnp.sum(token_loss * weights),
+      "weight_sum": jnp.sum(weights),
+      "correct_sum": jnp.sum(correct * weights),
+  }

@@ -1,0 +1,6 @@
+"""Imports every module that defines gin configurables, so any gin file can name them."""
+
+from memlm_jax.data import lm_dataset, tasks, vocabularies  # noqa: F401
+from memlm_jax.layers import attention, transformer  # noqa: F401
+from memlm_jax.models import transformer_lm  # noqa: F401
+from memlm_jax.runtime import checkpoints, optimizers, partitioning  # noqa: F401

@@ -1,0 +1,1 @@
+"""Model-agnostic runtime: mesh and shardings, train state, trainer, checkpoints, summaries."""

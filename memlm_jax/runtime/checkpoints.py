@@ -1,0 +1,143 @@
+"""Checkpoints: a small wrapper over orbax's CheckpointManager (async, Composite args).
+
+Each step directory holds `state` (the TrainState pytree, restorable onto any mesh)
+and `data` (each host's input-pipeline position, so a resumed run reads the same
+batches). The data iterator is duck-typed: an object with `save(path)` and
+`restore(path)`. Only this file talks to orbax.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Protocol
+
+import gin
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class SavableIterator(Protocol):
+  def save(self, path: str) -> None: ...
+
+  def restore(self, path: str) -> None: ...
+
+
+def _process_file(directory: epath.Path) -> str:
+  return os.fspath(directory / f"process_{jax.process_index()}-of-{jax.process_count()}")
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves / restores each host's data iterator in its own file under the item directory."""
+
+  def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    args.iterator.save(_process_file(directory))
+
+  def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> Any:
+    path = _process_file(directory)
+    if not any(directory.glob(os.path.basename(path) + "*")):
+      raise FileNotFoundError(f"no data-iterator state for this host at {path} (was the checkpoint written by a "
+                              "different number of hosts?)")
+    args.iterator.restore(path)
+    return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  def __init__(self, iterator: SavableIterator):
+    self.iterator = iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  def __init__(self, iterator: SavableIterator):
+    self.iterator = iterator
+
+
+@gin.configurable
+class Checkpointer:
+  """Save every `save_interval_steps`, keep the last `max_to_keep` plus every `keep_period`-th."""
+
+  def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
+               keep_period: int | None = None, async_save: bool = True):
+    if save_interval_steps < 1:
+      raise ValueError(f"Checkpointer.save_interval_steps must be >= 1, got {save_interval_steps}.")
+    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    self.save_interval_steps = save_interval_steps
+    self._options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, keep_period=keep_period,
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = self._new_manager()
+
+  def _new_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "data"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return step % self.save_interval_steps == 0
+
+  def save(self, step: int, state: Any, iterator: SavableIterator | None = None, *, force: bool = False) -> bool:
+    """Starts an (async) save of `state` and the iterator position at `step`."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if iterator is not None:
+      items["data"] = DataIteratorSave(iterator)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info("Saving checkpoint for step %d to %s.", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any, iterator: SavableIterator | None = None) -> Any:
+    """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if iterator is not None:
+      items["data"] = DataIteratorRestore(iterator)
+    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def restore_latest(self, abstract_state: Any, iterator: SavableIterator | None = None) -> tuple[Any, int] | None:
+    """Restores the newest checkpoint that reads back completely.
+
+    A checkpoint that fails to restore (truncated or corrupted files) is moved to
+    `<dir>/corrupted/<step>-<time>` with a warning naming it, and the previous one is
+    tried. Returns (state, step), or None when no checkpoint exists.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, abstract_state, iterator), step
+      except Exception as error:  # orbax/tensorstore raise many types for damaged files
+        bad = self.directory / str(step)
+        logging.warning("Checkpoint %s (step %d) could not be restored (%s: %s); falling back to the previous "
+                        "checkpoint.", bad, step, type(error).__name__, str(error).splitlines()[0][:300])
+        self._quarantine(step)
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      target = self.directory / "corrupted" / f"{step}-{int(time.time())}"
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(os.fspath(self.directory / str(step)), os.fspath(target))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"quarantine_checkpoint_{step}")
+    self._manager.close()
+    self._manager = self._new_manager()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host once the cluster has signalled preemption (multi-host TPU)."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

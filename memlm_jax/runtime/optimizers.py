@@ -1,0 +1,81 @@
+"""Optimizers and learning-rate schedules from gin, built from optax parts.
+
+Parameter groups are selected by regular expressions over '/'-joined parameter
+paths (e.g. 'layers/0/attention/query/kernel').
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import gin
+import jax
+import optax
+
+
+def param_paths(params: Any) -> Any:
+  """A tree like `params` whose leaves are the '/'-joined key paths."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params)
+
+
+def path_mask(patterns: Sequence[str], invert: bool = False):
+  """A callable params -> bool tree: True where the path matches any pattern (or none, if invert)."""
+  compiled = [re.compile(p) for p in patterns]
+
+  def mask(params):
+    return jax.tree.map(lambda path: invert != any(c.search(path) for c in compiled), param_paths(params))
+
+  return mask
+
+
+@gin.configurable
+def warmup_cosine_schedule(peak_value: float = 1e-3, warmup_steps: int = 100, decay_steps: int = 10_000,
+                           end_value_ratio: float = 0.1, init_value: float = 0.0) -> optax.Schedule:
+  """Linear warm-up to `peak_value`, cosine decay to `peak_value * end_value_ratio` at `decay_steps`."""
+  if warmup_steps < 0 or decay_steps <= warmup_steps:
+    raise ValueError(f"warmup_cosine_schedule needs 0 <= warmup_steps < decay_steps, got warmup_steps="
+                     f"{warmup_steps}, decay_steps={decay_steps}.")
+  return optax.warmup_cosine_decay_schedule(init_value=init_value, peak_value=peak_value,
+                                            warmup_steps=warmup_steps, decay_steps=decay_steps,
+                                            end_value=peak_value * end_value_ratio)
+
+
+@gin.configurable
+def constant_schedule(value: float = 1e-3) -> optax.Schedule:
+  return optax.constant_schedule(value)
+
+
+@gin.configurable
+def make_optimizer(name: str = "adamw", schedule: optax.Schedule | None = None, *, weight_decay: float = 0.0,
+                   no_weight_decay: Sequence[str] = ("scale$", "bias$"), clip_grad_norm: float | None = 1.0,
+                   lr_multipliers: Mapping[str, float] | None = None, b1: float = 0.9, b2: float = 0.95,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+  """Gradient clipping -> adamw / adafactor (decoupled weight decay, masked) -> per-group LR multipliers.
+
+  Args:
+    name: 'adamw' or 'adafactor'.
+    schedule: learning-rate schedule (default: warmup_cosine_schedule()).
+    no_weight_decay: path regexes excluded from weight decay (norm scales, biases, gates, ...).
+    lr_multipliers: {path regex: factor}; matching updates are scaled by factor (first match wins
+      per regex, factors of several matching regexes multiply).
+  """
+  schedule = schedule if schedule is not None else warmup_cosine_schedule()
+  decay_mask = path_mask(no_weight_decay, invert=True)
+  if name == "adamw":
+    base = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+  elif name == "adafactor":
+    base = optax.adafactor(schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask,
+                           multiply_by_parameter_scale=False)
+  else:
+    raise ValueError(f"make_optimizer.name must be 'adamw' or 'adafactor', got {name!r}.")
+  parts = []
+  if clip_grad_norm is not None:
+    if clip_grad_norm <= 0:
+      raise ValueError(f"make_optimizer.clip_grad_norm must be positive or None, got {clip_grad_norm}.")
+    parts.append(optax.clip_by_global_norm(clip_grad_norm))
+  parts.append(base)
+  for pattern, factor in (lr_multipliers or {}).items():
+    parts.append(optax.masked(optax.scale(factor), path_mask([pattern])))
+  return optax.chain(*parts)

@@ -16,7 +16,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order (searched in --gin_search_paths).")
 GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files.")
-GIN_SEARCH_PATHS = flags.DEFINE_list("gin_search_paths", [".", _REPO_ROOT, os.path.join(_REPO_ROOT, "configs")],
+GIN_SEARCH_PATHS = flags.DEFINE_list("gin_search_paths", [os.path.join(_REPO_ROOT, "configs"), ".", _REPO_ROOT],
                                      "Directories searched for --gin_file and gin `include`s.")
 
 
@@ -138,10 +138,13 @@ def run(main, argv: Sequence[str] | None = None) -> None:
 
 
 class _DropChattyInfo:
-  """Drops INFO records from orbax / tensorstore internals (one line per file written)."""
+  """Drops orbax's per-file INFO records and gin's 'Path not found' while it walks the
+  search paths (it reports a file that is truly missing itself)."""
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or ("/orbax/" not in record.pathname and "/absl/logging" not in record.pathname)
+    if "resource_reader" in record.pathname and "Path not found" in str(record.msg):
+      return False
+    return record.levelno > 20 or "/orbax/" not in record.pathname
 
 
 def quiet_library_logs() -> None:

@@ -26,6 +26,7 @@ from clu import periodic_actions
 from memlm_jax import gin_utils
 from memlm_jax import registry  # noqa: F401  (registers every gin configurable)
 from memlm_jax.data import lm_dataset
+from memlm_jax.evaluation.perplexity import lm_metrics
 from memlm_jax.runtime import partitioning
 from memlm_jax.runtime import train_state as train_state_lib
 from memlm_jax.runtime.checkpoints import Checkpointer
@@ -141,7 +142,7 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
       if must_save:
         ckpt.save(step, state, iterator, force=True)
       if eval_logger is not None and step % eval_every_steps == 0:
-        eval_logger.write(step, trainer.evaluate(state.params, lm_dataset.eval_batches(eval_dataset)))
+        eval_logger.write(step, lm_metrics(trainer.eval_totals(state.params, lm_dataset.eval_batches(eval_dataset))))
       if preempted:
         logging.warning("Stopped at step %d after preemption; checkpoint saved.", step)
         break

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Iterator
 
 import gin
 import jax
@@ -102,9 +101,18 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
   return {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
-def eval_batches(config: DatasetConfig) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over `config.split`, unshuffled, final batch zero-padded."""
+def eval_batches(config: DatasetConfig) -> list[dict[str, np.ndarray]]:
+  """One pass over `config.split`, unshuffled; the final batch is zero-padded, and on
+  several hosts every host gets the same number of batches (extra ones all padding)."""
   config = dataclasses.replace(config, shuffle=False, num_epochs=1)
   local_batch = config.batch_size // jax.process_count()
-  for batch in get_dataset(config, drop_remainder=False).as_numpy_iterator():
-    yield pad_batch(batch, local_batch)
+  batches = [pad_batch(b, local_batch) for b in get_dataset(config, drop_remainder=False).as_numpy_iterator()]
+  if not batches:
+    raise ValueError(f"split {config.split!r} of {config.mixture_or_task_name!r} is empty on host "
+                     f"{jax.process_index()}.")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    most = int(np.max(multihost_utils.process_allgather(np.asarray(len(batches)))))
+    empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
+    batches += [empty] * (most - len(batches))
+  return batches

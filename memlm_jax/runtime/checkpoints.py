@@ -102,6 +102,16 @@ class Checkpointer:
       items["data"] = DataIteratorRestore(iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def restore_params(self, step: int | None, abstract_params: Any) -> tuple[Any, int]:
+    """Restores only `state.params` (no optimizer state) of `step` (None: the latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()}).")
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"], step
+
   def restore_latest(self, abstract_state: Any, iterator: SavableIterator | None = None) -> tuple[Any, int] | None:
     """Restores the newest checkpoint that reads back completely.
 

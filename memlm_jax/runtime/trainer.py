@@ -29,9 +29,10 @@ _SUMS = ("loss_sum", "weight_sum", "correct_sum")
 class Trainer:
   """Holds the compiled train and eval steps for one model, optimizer and mesh."""
 
-  def __init__(self, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               mesh: Mesh, rules: partitioning.LogicalRules, shardings: TrainState, *, accum_steps: int = 1,
-               dropout_seed: int = 0):
+  def __init__(self, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation | None,
+               schedule: optax.Schedule | None, mesh: Mesh, rules: partitioning.LogicalRules, shardings: TrainState,
+               *, accum_steps: int = 1, dropout_seed: int = 0):
+    """optimizer/schedule may be None for evaluation only (then shardings.opt_state is unused)."""
     if accum_steps < 1:
       raise ValueError(f"accum_steps must be >= 1, got {accum_steps}.")
     self.graphdef = graphdef
@@ -43,8 +44,9 @@ class Trainer:
     self.dropout_seed = dropout_seed
     self.batch_sharding = partitioning.batch_sharding(mesh)
     replicated = partitioning.replicated(mesh)
-    self._train_step = jax.jit(self._step, in_shardings=(shardings, self.batch_sharding),
-                               out_shardings=(shardings, replicated), donate_argnums=(0,))
+    if optimizer is not None:
+      self._train_step = jax.jit(self._step, in_shardings=(shardings, self.batch_sharding),
+                                 out_shardings=(shardings, replicated), donate_argnums=(0,))
     self._eval_step = jax.jit(self._eval_sums, in_shardings=(shardings.params, self.batch_sharding),
                               out_shardings=replicated)
 
@@ -121,14 +123,12 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local_batch.items()}
 
-  def evaluate(self, params: Any, batches: Iterator[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy over host-local batches."""
+  def eval_totals(self, params: Any, batches: Iterator[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Sums of loss, weight and correct tokens over host-local batches (every host must
+    pass the same number of batches)."""
     totals = {k: 0.0 for k in _SUMS}
     for local_batch in batches:
       sums = jax.device_get(self.eval_sums(params, self.global_batch(local_batch)))
       for k in _SUMS:
         totals[k] += float(sums[k])
-    weight = max(totals["weight_sum"], 1.0)
-    loss = totals["loss_sum"] / weight
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "accuracy": totals["correct_sum"] / weight,
-            "tokens": totals["weight_sum"]}
+    return totals

@@ -1,0 +1,1 @@
+"""Decoding loops over arrays and callables (no gin)."""

@@ -1,0 +1,1 @@
+"""Metrics over arrays and decoded outputs; no gin, no models."""

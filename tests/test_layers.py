@@ -193,9 +193,10 @@ def test_transformer_lm_rejects_non_positive_sizes(name, bad):
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model32 = tiny_lm()
   model16 = tiny_lm(dtype="bfloat16")
-  nnx.update(model16, nnx.state(model32, nnx.Param))  # same parameters, different compute dtype
   params16 = jax.tree.leaves(nnx.state(model16, nnx.Param))
-  assert params16 and all(p.dtype == jnp.float32 for p in params16)
+  assert len(params16) == len(jax.tree.leaves(nnx.state(model32, nnx.Param)))
+  assert all(p.dtype == jnp.float32 for p in params16)  # as built, before any update
+  nnx.update(model16, nnx.state(model32, nnx.Param))  # same parameters, different compute dtype
 
   rng = np.random.default_rng(5)
   tokens = jnp.asarray(rng.integers(1, 64, size=(2, 12)), jnp.int32)

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from flax import linen as nn_partitioning
 from flax import nnx
 
-from memlm_jax.layers.attention import MultiHeadAttention
 
 ACTIVATION_NAMES = ("act_batch", "act_length", "act_embed")
 

@@ -66,7 +66,10 @@ def make_optimizer(name: str = "adamw", schedule: optax.Schedule | None = None, 
   if name == "adamw":
     base = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
   elif name == "adafactor":
-    base = optax.adafactor(schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask,
+    # optax adds adafactor's decay after the LR scaling; scale it by the schedule so
+    # weight_decay means the same (decoupled, lr * wd * p) as for adamw.
+    decay = (lambda count: weight_decay * schedule(count)) if weight_decay else None
+    base = optax.adafactor(schedule, weight_decay_rate=decay, weight_decay_mask=decay_mask,
                            multiply_by_parameter_scale=False)
   else:
     raise ValueError(f"make_optimizer.name must be 'adamw' or 'adafactor', got {name!r}.")

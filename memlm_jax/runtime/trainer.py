@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn_partitioning
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

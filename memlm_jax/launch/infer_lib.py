@@ -1,0 +1,99 @@
+r"""Inference launcher: restore a checkpoint and continue prompts into a JSONL file.
+
+  python -m memlm_jax.infer --gin_file=runs/infer.gin --gin_file=tiny/lm_demo.gin \
+      --gin.MODEL_DIR="'runs/tiny'" --gin.INPUT_FILE="'prompts.txt'"
+
+INPUT_FILE holds one prompt per line (or JSONL with a "prompt" field). Output:
+MODEL_DIR/infer/<input name>_step<N>.jsonl, one {"prompt", "output", "tokens"} per line,
+in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import gin
+import jax
+import numpy as np
+import seqio
+from absl import logging
+from flax import nnx
+
+from memlm_jax.decoding.lm_decoding import decode
+from memlm_jax.launch.eval_lib import restore_for_inference
+from memlm_jax.runtime import partitioning
+
+
+def read_prompts(path: str) -> list[str]:
+  """Lines of a text file, or the "prompt" field of each JSONL line."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"infer.input_file {path!r} does not exist.")
+  prompts = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      line = line.rstrip("\n")
+      if path.endswith(".jsonl"):
+        record = json.loads(line)
+        if "prompt" not in record:
+          raise ValueError(f"{path}:{number} has no 'prompt' field.")
+        line = record["prompt"]
+      if line:
+        prompts.append(line)
+  if not prompts:
+    raise ValueError(f"infer.input_file {path!r} holds no prompts.")
+  return prompts
+
+
+def encode_prompts(prompts: list[str], vocabulary: seqio.Vocabulary, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """-> (tokens [n, width] right-padded, lengths [n]); a prompt longer than width is an error."""
+  tokens = np.zeros((len(prompts), width), np.int32)
+  lengths = np.zeros((len(prompts),), np.int32)
+  for i, prompt in enumerate(prompts):
+    ids = vocabulary.encode(prompt)
+    if not 0 < len(ids) <= width:
+      raise ValueError(f"prompt {i} has {len(ids)} tokens; infer.max_prompt_length allows 1..{width}.")
+    tokens[i, :len(ids)] = ids
+    lengths[i] = len(ids)
+  return tokens, lengths
+
+
+@gin.configurable(denylist=["model_dir"])
+def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabulary: seqio.Vocabulary = gin.REQUIRED,
+          input_file: str = gin.REQUIRED, max_prompt_length: int = 64, max_decode_length: int = 64,
+          batch_size: int = 8, temperature: float = 0.0, seed: int = 0, checkpoint_step: int | None = None,
+          mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh) -> str:
+  """Decodes every prompt of `input_file`; returns the output path."""
+  partitioning.initialize_distributed()
+  prompts = read_prompts(input_file)
+  device_mesh = mesh()
+  trainer, params, step = restore_for_inference(model_dir, model, device_mesh, checkpoint_step)
+
+  def generate(params, prompt_tokens, prompt_lengths, rng):
+    net = nnx.merge(trainer.graphdef, params)
+    return decode(lambda x, s, p: net(x, s, p), prompt_tokens, prompt_lengths,
+                  max_decode_length=max_decode_length, eos_id=vocabulary.eos_id, temperature=temperature, rng=rng)
+
+  generate = jax.jit(generate)
+  tokens, lengths = encode_prompts(prompts, vocabulary, max_prompt_length)
+  rows = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = slice(start, start + batch_size)
+    n = len(prompts[chunk])
+    pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)])  # noqa: E731
+    with trainer.context():
+      out, out_len = jax.device_get(generate(params, pad(tokens[chunk]), pad(lengths[chunk]),
+                                             jax.random.fold_in(jax.random.key(seed), start)))
+    for prompt, ids, k in zip(prompts[chunk], out[:n], out_len[:n]):
+      ids = [int(t) for t in ids[:k] if t != vocabulary.eos_id]
+      rows.append({"prompt": prompt, "output": vocabulary.decode(ids), "tokens": ids})
+  name = os.path.splitext(os.path.basename(input_file))[0]
+  path = os.path.join(model_dir, "infer", f"{name}_step{step}.jsonl")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+  logging.info("Wrote %d continuations to %s.", len(rows), path)
+  return path

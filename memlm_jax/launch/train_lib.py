@@ -1,0 +1,156 @@
+r"""Training launcher (t5x style).
+
+  python -m memlm_jax.train --gin_file=configs/tiny/lm_demo.gin \
+      --gin.TRAIN_STEPS=100 --gin.MODEL_DIR="'runs/tiny'"
+
+Resumes from the newest complete checkpoint in MODEL_DIR/checkpoints, with the
+input pipeline where it was, so a killed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import gin
+import jax
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+
+from memlm_jax import gin_utils
+from memlm_jax.data import lm_dataset
+from memlm_jax.evaluation.perplexity import lm_metrics
+from memlm_jax.runtime import partitioning
+from memlm_jax.runtime import train_state as train_state_lib
+from memlm_jax.runtime.checkpoints import Checkpointer
+from memlm_jax.runtime.optimizers import make_optimizer
+from memlm_jax.runtime.summaries import MetricsLogger
+from memlm_jax.runtime.trainer import Trainer
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the train loop checks (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+@gin.configurable(denylist=["model_dir"])
+def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+          train_dataset: lm_dataset.DatasetConfig = gin.REQUIRED,
+          schedule: optax.Schedule = gin.REQUIRED,
+          optimizer: Callable[..., optax.GradientTransformation] = make_optimizer,
+          mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh,
+          checkpointer: Callable[[str], Checkpointer] = Checkpointer,
+          accum_steps: int = 1, seed: int = 0, log_every_steps: int = 10,
+          eval_dataset: lm_dataset.DatasetConfig | None = None, eval_every_steps: int = 0) -> dict[str, float]:
+  """Trains `model` for `train_steps` optimizer updates; returns the last logged metrics.
+
+  Args:
+    model_dir: where checkpoints, configs and summaries go.
+    model: a model class/factory called as model(rngs=nnx.Rngs(seed)).
+    train_steps: total number of optimizer updates (a resumed run continues to it).
+    train_dataset: global-batch DatasetConfig.
+    schedule: learning-rate schedule; `optimizer(schedule=schedule)` builds the optimizer.
+    accum_steps: microbatches per update (the global batch is split accum_steps ways).
+    eval_dataset, eval_every_steps: optional periodic validation perplexity.
+  """
+  if train_steps < 0:
+    raise ValueError(f"train.train_steps must be >= 0, got {train_steps}.")
+  partitioning.initialize_distributed()
+  device_mesh = mesh()
+  rules = partitioning.logical_axis_rules()
+  tx = optimizer(schedule=schedule)
+  model_fn = lambda rngs: model(rngs=rngs)  # noqa: E731
+  graphdef, abstract_params = train_state_lib.abstract_model(model_fn, seed)
+  abstract_state, shardings = train_state_lib.state_shardings((graphdef, abstract_params), tx, device_mesh, rules)
+  trainer = Trainer(graphdef, tx, schedule, device_mesh, rules, shardings, accum_steps=accum_steps,
+                    dropout_seed=seed + 1)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+  logging.info("Model: %d parameters; mesh %s.", num_params, dict(device_mesh.shape))
+
+  iterator = lm_dataset.TfDataIterator(lm_dataset.get_dataset(train_dataset))
+  ckpt = checkpointer(os.path.join(model_dir, "checkpoints"))
+  restored = ckpt.restore_latest(abstract_state, iterator)
+  if restored is None:
+    with trainer.context():
+      state = train_state_lib.init_train_state(model_fn, tx, shardings, seed)
+    start = 0
+    logging.info("No checkpoint in %s: initialised from seed %d.", model_dir, seed)
+  else:
+    state, start = restored
+    logging.info("Restored checkpoint at step %d.", start)
+
+  logger = MetricsLogger(model_dir, "train")
+  eval_logger = MetricsLogger(model_dir, "validation") if eval_dataset is not None and eval_every_steps else None
+  progress = periodic_actions.ReportProgress(num_train_steps=train_steps, writer=logger.writer,
+                                             every_steps=log_every_steps)
+  preemption = _Preemption()
+  pending: list[tuple[int, dict]] = []  # (step number after the update, device metrics)
+  last: dict[str, float] = {}
+  window_tokens, window_start = 0.0, time.time()
+
+  def check(upto: int) -> None:
+    """Fetches pending metrics for steps <= upto; raises on a non-finite loss, gradient or
+    parameter norm (checked before the state of that step can be saved)."""
+    nonlocal last, window_tokens, window_start
+    while pending and pending[0][0] <= upto:
+      step, metrics = pending.pop(0)
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(values[k])]
+      if bad:
+        ckpt.wait()
+        raise TrainingDivergedError(
+            f"{bad[0]} is {values[bad[0]]} at step {step}; stopping without saving. The last good checkpoint "
+            f"(step {ckpt.latest_step()}) in {model_dir}/checkpoints is untouched.")
+      window_tokens += values["tokens"]
+      if step % log_every_steps == 0 or step == train_steps:
+        elapsed = max(time.time() - window_start, 1e-9)
+        values["tokens_per_sec"] = window_tokens / elapsed
+        logger.write(step, values)
+        window_tokens, window_start = 0.0, time.time()
+      last = values
+
+  try:
+    for step in range(start + 1, train_steps + 1):
+      state, metrics = trainer.train_step(state, trainer.global_batch(next(iterator)))
+      pending.append((step, metrics))
+      if step == start + 1:
+        gin_utils.write_config(model_dir, "operative_config.gin", gin.operative_config_str())
+      progress(step)
+      preempted = preemption.requested or (jax.process_count() > 1 and ckpt.reached_preemption(step))
+      must_save = ckpt.should_save(step) or step == train_steps or preempted
+      check(step if (must_save or step % log_every_steps == 0) else step - 1)
+      if must_save:
+        ckpt.save(step, state, iterator, force=True)
+      if eval_logger is not None and step % eval_every_steps == 0:
+        eval_logger.write(step, lm_metrics(trainer.eval_totals(state.params, lm_dataset.eval_batches(eval_dataset))))
+      if preempted:
+        logging.warning("Stopped at step %d after preemption; checkpoint saved.", step)
+        break
+    check(train_steps)
+  finally:
+    preemption.restore()
+    ckpt.close()
+    logger.close()
+    if eval_logger is not None:
+      eval_logger.close()
+  return last

@@ -14,8 +14,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m memlm_jax.train --gin_file=configs/tiny/lm_demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
-	$(PY) -m memlm_jax.eval --gin_file=configs/tiny/lm_demo.gin --gin_file=configs/runs/eval.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+	$(PY) -m memlm_jax.data.synthetic --output_dir=runs/demo_data
+	$(PY) -m memlm_jax.train --gin_file=configs/runs/train.gin --gin_file=configs/tiny/lm_demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+	$(PY) -m memlm_jax.eval --gin_file=configs/runs/eval.gin --gin_file=configs/tiny/lm_demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

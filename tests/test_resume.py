@@ -17,6 +17,11 @@ def _steps_logged(model_dir):
   return max(read_jsonl(path)) if os.path.exists(path) and os.path.getsize(path) else 0
 
 
+def _finished_checkpoints(model_dir):
+  directory = os.path.join(model_dir, "checkpoints")
+  return [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+
+
 def test_sigkill_then_relaunch_reproduces_the_uninterrupted_losses(tmp_path):
   data = lm_runs.corpus(str(tmp_path / "data"))
   reference_dir, killed_dir = str(tmp_path / "reference"), str(tmp_path / "killed")
@@ -28,7 +33,8 @@ def test_sigkill_then_relaunch_reproduces_the_uninterrupted_losses(tmp_path):
   argv = lm_runs.launcher("train", FILES, lm_runs.tiny_bindings(data, killed_dir, **extra))
   process = subprocess.Popen(argv, cwd=lm_runs.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
-  while _steps_logged(killed_dir) < kill_at and process.poll() is None and time.time() < deadline:
+  while ((_steps_logged(killed_dir) < kill_at or not _finished_checkpoints(killed_dir))
+         and process.poll() is None and time.time() < deadline):
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   process.wait()
@@ -47,3 +53,18 @@ def test_sigkill_then_relaunch_reproduces_the_uninterrupted_losses(tmp_path):
   for step in range(restored_step + 1, 25):
     assert got[step]["loss"] == want[step]["loss"], f"step {step}: {got[step]['loss']} != {want[step]['loss']}"
     assert got[step]["grad_norm"] == want[step]["grad_norm"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  data = lm_runs.corpus(str(tmp_path / "data"))
+  model_dir = str(tmp_path / "run")
+  argv = lm_runs.launcher("train", FILES, lm_runs.tiny_bindings(
+      data, model_dir, TRAIN_STEPS=100000, **{"Checkpointer.save_interval_steps": 100000}))
+  process = subprocess.Popen(argv, cwd=lm_runs.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while _steps_logged(model_dir) < 3 and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == 0
+  steps = sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints")) if d.isdigit())
+  assert len(steps) == 1 and 3 <= steps[0] <= _steps_logged(model_dir)

@@ -7,7 +7,7 @@ import contextlib
 import os
 import re
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import gin
 from absl import flags
@@ -122,6 +122,29 @@ def write_config(model_dir: str, name: str, text: str) -> None:
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, os.path.join(model_dir, name))
+
+
+def run_launcher(run_fn: Callable[[str], Any], *, write_config_gin: bool = False,
+                 on_result: Callable[[Any], None] = print, user_errors: tuple = ()) -> None:
+  """The body every launcher shares: parse gin flags, find MODEL_DIR, call
+  `run_fn(model_dir)` with one-line errors, hand the result to `on_result`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    parse_flags_and_gin()
+    directory = model_dir()
+    if write_config_gin:
+      write_config(directory, "config.gin", gin.config_str())
+    try:
+      with one_line_gin_errors():
+        result = run_fn(directory)
+    except (ValueError, FileNotFoundError, *user_errors) as error:
+      exit_with_error(error)
+    on_result(result)
+
+  run(main)
 
 
 def run(main, argv: Sequence[str] | None = None) -> None:

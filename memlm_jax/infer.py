@@ -9,21 +9,9 @@ in input order.
 """
 
 from memlm_jax import gin_utils
-from memlm_jax import registry  # noqa: F401  pylint: disable=unused-import  (every configurable, launchers included)
+from memlm_jax import registry  # noqa: F401  (every gin configurable, launchers included)
 from memlm_jax.launch import infer_lib
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments {argv[1:]}")
-  gin_utils.parse_flags_and_gin()
-  model_dir = gin_utils.model_dir()
-  try:
-    with gin_utils.one_line_gin_errors():
-      print(infer_lib.infer(model_dir))
-  except (ValueError, FileNotFoundError) as error:
-    gin_utils.exit_with_error(error)
-
-
 if __name__ == "__main__":
-  gin_utils.run(main)
+  gin_utils.run_launcher(infer_lib.infer)

@@ -21,8 +21,9 @@ import seqio
 from absl import logging
 from flax import nnx
 
-from memlm_jax.decoding.lm_decoding import decode
+from memlm_jax.decoding.lm_decoding import MemoryStreamer, decode, prepend_bos
 from memlm_jax.launch.eval_lib import restore_for_inference
+from memlm_jax.models import infini_lm
 from memlm_jax.runtime import partitioning
 
 
@@ -59,6 +60,32 @@ def encode_prompts(prompts: list[str], vocabulary: seqio.Vocabulary, width: int)
   return tokens, lengths
 
 
+def _batch_generator(graphdef: nnx.GraphDef, params: Any, *, max_decode_length: int, eos_id: int,
+                     temperature: float) -> Callable[[np.ndarray, np.ndarray, jax.Array], tuple[Any, Any]]:
+  """(prompts [batch, width], lengths [batch], rng) -> (generated, lengths). Models with a recurrent
+  memory (`init_memory`) stream the prompt segment by segment; the others decode the whole buffer."""
+  net = nnx.merge(graphdef, params)
+  if hasattr(net, "init_memory"):
+    streamer = MemoryStreamer(infini_lm.streaming_apply_fn(graphdef), net.segment_length)
+
+    def stream(prompts, lengths, rng):
+      prompts, lengths = prepend_bos(prompts, lengths)
+      state = streamer.prefill(params, net.init_memory(prompts.shape[0]), prompts, lengths)
+      out, out_len, _ = streamer.generate(params, state, num_tokens=max_decode_length, eos_id=eos_id,
+                                          temperature=temperature, rng=rng)
+      return out, out_len
+
+    return stream
+
+  @jax.jit
+  def dense(params, prompts, lengths, rng):
+    net = nnx.merge(graphdef, params)
+    return decode(lambda x, s, p: net(x, s, p), prompts, lengths, max_decode_length=max_decode_length,
+                  eos_id=eos_id, temperature=temperature, rng=rng)
+
+  return lambda prompts, lengths, rng: dense(params, prompts, lengths, rng)
+
+
 @gin.configurable(denylist=["model_dir"])
 def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabulary: seqio.Vocabulary = gin.REQUIRED,
           input_file: str = gin.REQUIRED, max_prompt_length: int = 64, max_decode_length: int = 64,
@@ -70,12 +97,8 @@ def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabular
   device_mesh = mesh()
   trainer, params, step = restore_for_inference(model_dir, model, device_mesh, checkpoint_step)
 
-  def generate(params, prompt_tokens, prompt_lengths, rng):
-    net = nnx.merge(trainer.graphdef, params)
-    return decode(lambda x, s, p: net(x, s, p), prompt_tokens, prompt_lengths,
-                  max_decode_length=max_decode_length, eos_id=vocabulary.eos_id, temperature=temperature, rng=rng)
-
-  generate = jax.jit(generate)
+  generate = _batch_generator(trainer.graphdef, params, max_decode_length=max_decode_length,
+                              eos_id=vocabulary.eos_id, temperature=temperature)
   tokens, lengths = encode_prompts(prompts, vocabulary, max_prompt_length)
   rows = []
   for start in range(0, len(prompts), batch_size):
@@ -83,7 +106,7 @@ def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabular
     n = len(prompts[chunk])
     pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)])  # noqa: E731
     with trainer.context():
-      out, out_len = jax.device_get(generate(params, pad(tokens[chunk]), pad(lengths[chunk]),
+      out, out_len = jax.device_get(generate(pad(tokens[chunk]), pad(lengths[chunk]),
                                              jax.random.fold_in(jax.random.key(seed), start)))
     for prompt, ids, k in zip(prompts[chunk], out[:n], out_len[:n]):
       ids = [int(t) for t in ids[:k] if t != vocabulary.eos_id]

@@ -69,37 +69,56 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
 
 
+def repeat_kv_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """[batch, time, kv_heads, dim] -> [batch, time, num_heads, dim]; query head j uses kv head j // group."""
+  group = num_heads // x.shape[2]
+  return x if group == 1 else jnp.repeat(x, group, axis=2)
+
+
 @gin.configurable
 class MultiHeadAttention(nnx.Module):
-  """Causal self-attention with RoPE over packed or padded sequences."""
+  """Causal self-attention with RoPE over packed or padded sequences; grouped-query attention
+  when `num_kv_heads` < `num_heads` (query head j attends with key/value head j // group)."""
 
-  def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, rope_max_wavelength: float = 10_000.0,
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, num_kv_heads: int | None = None,
+               rope_max_wavelength: float = 10_000.0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+      raise ValueError(f"num_kv_heads must be a positive divisor of num_heads={num_heads}, got {num_kv_heads}.")
     self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
     self.rope_max_wavelength = rope_max_wavelength
     self.dtype = dtype
     in_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "heads", "kv"))
     out_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("heads", "kv", "embed"))
 
-    def proj_in():
-      return nnx.LinearGeneral(embed_dim, (num_heads, head_dim), axis=-1, use_bias=False, kernel_init=in_init,
+    def proj_in(heads):
+      return nnx.LinearGeneral(embed_dim, (heads, head_dim), axis=-1, use_bias=False, kernel_init=in_init,
                                dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-    self.query, self.key, self.value = proj_in(), proj_in(), proj_in()
+    self.query, self.key, self.value = proj_in(num_heads), proj_in(num_kv_heads), proj_in(num_kv_heads)
     self.out = nnx.LinearGeneral((num_heads, head_dim), embed_dim, axis=(-2, -1), use_bias=False,
                                  kernel_init=out_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-  def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x: [batch, time, embed], positions: [batch, time] -> q, k, v each [batch, time, heads, head_dim]."""
+  def project_raw_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x: [batch, time, embed] -> q [batch, time, heads, head_dim], k, v [batch, time, kv_heads, head_dim],
+    before RoPE."""
     names = ("act_batch", "act_length", "act_heads", "act_kv")
-    q = rotary_embedding(self.query(x), positions, self.rope_max_wavelength)
-    k = rotary_embedding(self.key(x), positions, self.rope_max_wavelength)
-    v = self.value(x)
-    return tuple(nn_partitioning.with_logical_constraint(t, names) for t in (q, k, v))
+    return tuple(nn_partitioning.with_logical_constraint(proj(x), names)
+                 for proj in (self.query, self.key, self.value))
+
+  def rotate(self, q: jax.Array, k: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Applies RoPE to q [batch, time, heads, dim] and k [batch, time, kv_heads, dim]; positions [batch, time]."""
+    return (rotary_embedding(q, positions, self.rope_max_wavelength),
+            rotary_embedding(k, positions, self.rope_max_wavelength))
+
+  def local_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of rotated q [b, t, heads, d] over k, v [b, t, kv_heads, d] -> [b, t, heads, d]."""
+    return dot_product_attention(q, repeat_kv_heads(k, self.num_heads), repeat_kv_heads(v, self.num_heads), mask)
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
     """x: [batch, time, embed]; segment_ids, positions: [batch, time] -> [batch, time, embed]."""
-    q, k, v = self.project_qkv(x, positions)
-    attended = dot_product_attention(q, k, v, causal_segment_mask(segment_ids))
-    return self.out(attended)
+    q, k, v = self.project_raw_qkv(x)
+    q, k = self.rotate(q, k, positions)
+    return self.out(self.local_attention(q, k, v, causal_segment_mask(segment_ids)))

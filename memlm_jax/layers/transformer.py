@@ -52,8 +52,13 @@ class DecoderBlock(nnx.Module):
   def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
     """x: [batch, time, embed]; segment_ids, positions: [batch, time] -> [batch, time, embed]."""
-    h = self.attention(self.attention_norm(x), segment_ids, positions)
-    x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
+    attended = self.attention(self.attention_norm(x), segment_ids, positions)
+    return self.add_attention_and_mlp(x, attended, deterministic=deterministic, rngs=rngs)
+
+  def add_attention_and_mlp(self, x: jax.Array, attended: jax.Array, *, deterministic: bool,
+                            rngs: nnx.Rngs | None) -> jax.Array:
+    """The residual steps after attention: x + attended, then x + mlp(norm(x)); all [batch, time, embed]."""
+    x = x + self.dropout(attended, deterministic=deterministic, rngs=rngs)
     h = self.mlp(self.mlp_norm(x))
     x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
     return nn_partitioning.with_logical_constraint(x, ACTIVATION_NAMES)

@@ -1,0 +1,147 @@
+"""Infini-Transformer LM: decoder blocks with Infini-attention, run over fixed-length segments.
+
+A sequence of `time` tokens (a multiple of `segment_length`) is cut into segments; one
+`lax.scan` walks them, carrying the compressive memory (M, z) of every layer. Each
+segment's body is rematerialised in the backward pass, so activation memory is one
+segment's, while gradients still flow through M and z into earlier segments.
+
+Training batches come from seqio's DecoderFeatureConverter unpacked (pack=False):
+`decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` [batch, time].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memlm_jax.layers.infini_attention import InfiniAttention, InfiniMemory
+from memlm_jax.layers.transformer import DecoderBlock
+from memlm_jax.losses.cross_entropy import weighted_cross_entropy
+from memlm_jax.models.transformer_lm import DecoderLMBase, check_positive_sizes
+
+Memory = tuple[InfiniMemory, ...]  # one per layer
+
+
+class InfiniDecoderBlock(DecoderBlock):
+  """Pre-norm decoder layer whose attention reads and writes an Infini memory."""
+
+  def __call__(self, x: jax.Array, memory: InfiniMemory, mask: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, InfiniMemory]:
+    """x: [batch, seg_len, embed]; mask: [batch, seg_len] -> ([batch, seg_len, embed], new memory)."""
+    attended, memory = self.attention(self.attention_norm(x), memory, mask)
+    return self.add_attention_and_mlp(x, attended, deterministic=deterministic, rngs=rngs), memory
+
+
+@gin.configurable
+class InfiniTransformerLM(DecoderLMBase):
+  """Decoder-only LM with Infini-attention in every layer.
+
+  `update_rule` is 'linear' or 'delta'; `use_memory=False` gives the dense model restricted
+  to each segment (same parameters minus the gates). `gate_init` is beta's initial value.
+  """
+
+  def __init__(self, vocab_size: int = gin.REQUIRED, embed_dim: int = gin.REQUIRED, num_layers: int = gin.REQUIRED,
+               num_heads: int = gin.REQUIRED, head_dim: int = gin.REQUIRED, mlp_dim: int = gin.REQUIRED,
+               segment_length: int = gin.REQUIRED, *, num_kv_heads: int | None = None, update_rule: str = "delta",
+               use_memory: bool = True, gate_init: float = 0.0, dropout_rate: float = 0.0,
+               tie_embeddings: bool = False, rope_max_wavelength: float = 10_000.0, remat: bool = True,
+               dtype: str | jnp.dtype = "float32", rngs: nnx.Rngs):
+    check_positive_sizes("InfiniTransformerLM", vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers,
+                         num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim, segment_length=segment_length)
+    dtype = jnp.dtype(dtype)
+    self._init_io(vocab_size, embed_dim, dropout_rate=dropout_rate, tie_embeddings=tie_embeddings, dtype=dtype,
+                  rngs=rngs)
+    self._init_sizes(num_layers, num_heads, num_kv_heads, head_dim, mlp_dim)
+    self.segment_length = segment_length
+    self.use_memory = use_memory
+    self.remat = remat
+    self.layers = nnx.List([
+        InfiniDecoderBlock(embed_dim, mlp_dim,
+                           InfiniAttention(embed_dim, num_heads, head_dim, num_kv_heads=num_kv_heads,
+                                           update_rule=update_rule, use_memory=use_memory, gate_init=gate_init,
+                                           rope_max_wavelength=rope_max_wavelength, dtype=dtype, rngs=rngs),
+                           dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+        for _ in range(num_layers)
+    ])
+
+  def init_memory(self, batch_size: int) -> Memory:
+    """Empty memory of every layer: M [batch, kv_heads, head_dim, head_dim], z [batch, kv_heads, head_dim]."""
+    return tuple(layer.attention.init_memory(batch_size) for layer in self.layers)
+
+  def attended_length(self, seq_len: int) -> int:
+    return min(seq_len, self.segment_length)
+
+  def extra_flops_per_token(self) -> float:
+    # Retrieval per query head and the update per key/value head: 2 * d_k * d_v each.
+    if not self.use_memory:
+      return 0.0
+    return self.num_layers * 2 * self.head_dim * self.head_dim * (self.num_heads + self.num_kv_heads)
+
+  def _segment(self, tokens: jax.Array, memory: Memory, mask: jax.Array, deterministic: bool,
+               rngs: nnx.Rngs | None) -> tuple[jax.Array, Memory]:
+    """tokens, mask [batch, seg_len] -> (hidden [batch, seg_len, embed] before the final norm, memory)."""
+    x = self.embed_tokens(tokens, deterministic=deterministic, rngs=rngs)
+    new_memory = []
+    for layer, layer_memory in zip(self.layers, memory):
+      x, layer_memory = layer(x, layer_memory, mask, deterministic=deterministic, rngs=rngs)
+      new_memory.append(layer_memory)
+    return x, tuple(new_memory)
+
+  def __call__(self, tokens: jax.Array, memory: Memory | None = None, mask: jax.Array | None = None, *,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Memory]:
+    """Runs the segments of `tokens` in order, starting from `memory` (empty if None).
+
+    Args:
+      tokens: [batch, time] int, time a multiple of segment_length.
+      memory: the state returned by a previous call (streaming) or None.
+      mask: [batch, time], 1 for real tokens, 0 for padding (padding is neither attended to nor
+        written into memory); None means all real.
+    Returns:
+      (logits [batch, time, vocab] float32, memory after the last segment).
+    """
+    batch, time = tokens.shape
+    if time % self.segment_length:
+      raise ValueError(f"InfiniTransformerLM: time={time} is not a multiple of segment_length="
+                       f"{self.segment_length}; pad the tokens (with a 0 mask) to a multiple of it.")
+    num_segments = time // self.segment_length
+    memory = self.init_memory(batch) if memory is None else memory
+    mask = jnp.ones((batch, time), jnp.int32) if mask is None else mask.astype(jnp.int32)
+
+    def by_segment(x):  # [batch, time, ...] -> [segments, batch, seg_len, ...]
+      return jnp.swapaxes(x.reshape(batch, num_segments, self.segment_length, *x.shape[2:]), 0, 1)
+
+    segments = (by_segment(tokens), by_segment(mask))
+    if not deterministic:  # scan bodies cannot advance an outer Rngs: one dropout key per segment
+      segments += (jax.random.split(rngs.dropout(), num_segments),)
+
+    def body(carry, inputs):
+      segment_rngs = nnx.Rngs(dropout=inputs[2]) if not deterministic else None
+      hidden, carry = self._segment(inputs[0], carry, inputs[1], deterministic, segment_rngs)
+      return carry, hidden
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    memory, hidden = jax.lax.scan(body, memory, segments)
+    hidden = jnp.swapaxes(hidden, 0, 1).reshape(batch, time, self.embed_dim)
+    return self.hidden_to_logits(hidden), memory
+
+  def loss(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
+           rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+    """Summed next-token cross entropy; every example starts with an empty memory."""
+    if "decoder_segment_ids" in batch:
+      raise ValueError("InfiniTransformerLM needs unpacked examples (its memory would carry one document "
+                       "into the next); set DatasetConfig.pack = False.")
+    targets = batch["decoder_target_tokens"]
+    logits, _ = self(batch["decoder_input_tokens"], mask=targets != 0, deterministic=deterministic, rngs=rngs)
+    return weighted_cross_entropy(logits, targets, batch["decoder_loss_weights"])
+
+
+def streaming_apply_fn(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, Memory]]:
+  """(params, tokens, memory, mask) -> (logits, memory) for decoding.MemoryStreamer."""
+  def apply(params, tokens, memory, mask):
+    return nnx.merge(graphdef, params)(tokens, memory, mask)
+  return apply

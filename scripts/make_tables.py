@@ -1,0 +1,89 @@
+r"""Paper tables from formulas and results files, one subcommand per table.
+
+  python scripts/make_tables.py memory                      # Infini-attention Table 1, paper LM config
+  python scripts/make_tables.py memory --context_length=1048576 --num_layers=24
+
+Each subcommand is a function cmd_<name>(args) registered in _build_parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+  sys.path.insert(0, _REPO_ROOT)
+
+from memlm_jax.evaluation import memory_footprint as mf  # noqa: E402
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """Column-aligned markdown table."""
+  widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+  line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+  return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+  """Infini-attention Table 1: memory footprint, context, compression vs Memorizing Transformers."""
+  cfg = mf.paper_lm_config(num_layers=args.num_layers, num_heads=args.num_heads, head_dim=args.head_dim,
+                           segment_length=args.segment_length, context_length=args.context_length,
+                           knn_memory_length=args.knn_memory_length)
+  rows = mf.memory_footprints(cfg)
+  exact = mf.compression_ratios(rows)
+  rounded = mf.compression_ratios(rows, rounded=True)
+  with_paper = cfg == mf.paper_lm_config()
+  header = ["Model", "Memory footprint", "Floats", "~", "Context", "Tokens", "Update", "Retrieval",
+            "vs MemTrf (exact)", "vs MemTrf (rounded)"] + (["Paper Table 2"] if with_paper else [])
+  table = []
+  for r in rows:
+    row = [r.model, r.formula, f"{r.floats:,}", mf.format_count(r.floats), r.context_formula,
+           f"{r.context_length:,}", r.update, r.retrieval, mf.format_ratio(exact[r.model]),
+           mf.format_ratio(rounded[r.model])]
+    if with_paper:
+      row.append(" / ".join(mf.PAPER_TABLE2[r.model]) if r.model in mf.PAPER_TABLE2 else "-")
+    table.append(row)
+  print(f"l={cfg.num_layers} H={cfg.num_heads} d_key={cfg.d_key} d_value={cfg.d_value} d_model={cfg.d_model} "
+        f"N={cfg.segment_length} S={cfg.num_segments} | c={cfg.c} r={cfg.compression_rate} M={cfg.knn_memory_length:,} "
+        f"k={cfg.knn_layers} p_RMT={cfg.rmt_memory_tokens} p_AC={cfg.autocompressor_summary_tokens} m={cfg.m}")
+  print(markdown_table(header, table))
+  kv = cfg.d_key + cfg.d_value
+  table1 = kv * cfg.num_heads * cfg.segment_length * cfg.num_segments
+  print(f"\nMemorizing Transformers: Table 1 writes (d_key+d_value)*H*N*S = {table1:,} ({mf.format_count(table1)}); "
+        f"we count a Transformer-XL cache at every layer plus a kNN memory of M={cfg.knn_memory_length:,} tokens at "
+        f"k={cfg.knn_layers} layer(s), which gives the paper's 183M (M=65,000) for its config.")
+  print("Footprints count floats. 'rounded' ratios divide the rounded sizes, as the paper's Table 2 does.")
+  if not with_paper:
+    print("Paper Table 2 column omitted: the config differs from the paper's.")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  memory = sub.add_parser("memory", help=cmd_memory.__doc__)
+  memory.add_argument("--num_layers", type=int, default=12)
+  memory.add_argument("--num_heads", type=int, default=8)
+  memory.add_argument("--head_dim", type=int, default=128, help="d_key = d_value; d_model = num_heads * head_dim")
+  memory.add_argument("--segment_length", type=int, default=2048)
+  memory.add_argument("--context_length", type=int, default=65_536, help="S = ceil(context / segment)")
+  memory.add_argument("--knn_memory_length", type=int, default=65_000, help="Memorizing Transformers kNN memory M")
+  memory.set_defaults(func=cmd_memory)
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = _build_parser().parse_args(argv)
+  try:
+    args.func(args)
+  except ValueError as e:
+    print(f"make_tables: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -142,7 +142,7 @@ class InfiniAttention(MultiHeadAttention):
     if not self.use_memory:
       return self.out(local), memory
     retrieved = _retrieve_grouped(q, memory)
-    gate = jax.nn.sigmoid(self.gate.value)[:, None]  # [heads, 1]
+    gate = jax.nn.sigmoid(self.gate[...])[:, None]  # [heads, 1]
     combined = gate * retrieved + (1.0 - gate) * local.astype(jnp.float32)
     to_heads_first = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731  [b, t, h, d] -> [b, h, t, d]
     new_mem, new_z = memory_update(to_heads_first(k), to_heads_first(v), memory.mem, memory.z,

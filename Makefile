@@ -26,6 +26,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train_step.py --output=results/bench_train_step.json
+	$(PY) scripts/bench_infini.py --output=results/bench_infini.json
 
 clean:
 	rm -rf $(VENV) runs results

@@ -15,4 +15,4 @@ from memlm_jax.launch import eval_lib
 
 
 if __name__ == "__main__":
-  gin_utils.run_launcher(eval_lib.evaluate, on_result=lambda metrics: print(json.dumps(metrics)))
+  gin_utils.run_launcher(eval_lib.run_eval, on_result=lambda metrics: print(json.dumps(metrics)))

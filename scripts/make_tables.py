@@ -2,6 +2,8 @@ r"""Paper tables from formulas and results files, one subcommand per table.
 
   python scripts/make_tables.py memory                      # Infini-attention Table 1, paper LM config
   python scripts/make_tables.py memory --context_length=1048576 --num_layers=24
+  python scripts/make_tables.py passkey results/passkey.json [more.json ...] [--metric=token_accuracy]
+                                        [--heatmap [out.png]]  # Table 3 layout (+ paper rows), heatmap
 
 Each subcommand is a function cmd_<name>(args) registered in _build_parser.
 """
@@ -18,13 +20,12 @@ if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
 
 from memlm_jax.evaluation import memory_footprint as mf  # noqa: E402
+from memlm_jax.evaluation import passkey_report as pk  # noqa: E402
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   """Column-aligned markdown table."""
-  widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-  line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-  return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+  return pk.markdown(header, rows)
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
@@ -60,6 +61,23 @@ def cmd_memory(args: argparse.Namespace) -> None:
     print("Paper Table 2 column omitted: the config differs from the paper's.")
 
 
+def cmd_passkey(args: argparse.Namespace) -> None:
+  """Infini-attention Table 3: passkey retrieval start/middle/end per length, beside the paper's rows."""
+  results = []
+  for path in args.results:
+    try:
+      results.append(pk.load_results(path))
+    except OSError as e:
+      raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
+  print(pk.passkey_table(results, metric=args.metric, paper=not args.no_paper))
+  if args.heatmap is not None:
+    path = args.heatmap or os.path.splitext(args.results[0])[0] + "_heatmap.png"
+    if path.endswith(".json"):
+      raise ValueError(f"--heatmap {path}: refusing to write a PNG over a .json (put --heatmap last).")
+    pk.passkey_heatmap(results, path, metric=args.metric, depth_bins=args.depth_bins)
+    print(f"\nwrote heatmap {path}")
+
+
 def _build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +90,17 @@ def _build_parser() -> argparse.ArgumentParser:
   memory.add_argument("--context_length", type=int, default=65_536, help="S = ceil(context / segment)")
   memory.add_argument("--knn_memory_length", type=int, default=65_000, help="Memorizing Transformers kNN memory M")
   memory.set_defaults(func=cmd_memory)
+
+  passkey = sub.add_parser("passkey", help=cmd_passkey.__doc__)
+  passkey.add_argument("results", nargs="+", help="passkey results JSON(s), one row each")
+  passkey.add_argument("--metric", choices=pk.METRICS, default="exact_match")
+  passkey.add_argument("--heatmap", nargs="?", const="", default=None, metavar="PNG",
+                       help="write a length x depth heatmap (default path: <first JSON>_heatmap.png)")
+  passkey.add_argument("--depth_bins", type=int, default=None,
+                       help=f"heatmap depth bins (default: {pk.DEPTH_BINS} if every length has "
+                            f"{pk.MIN_EXAMPLES_PER_BIN * pk.DEPTH_BINS}+ examples, else the 3 buckets)")
+  passkey.add_argument("--no_paper", action="store_true", help="omit the paper's Table 3 rows")
+  passkey.set_defaults(func=cmd_passkey)
   return parser
 
 

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from memlm_jax.launch import eval_lib, infer_lib
@@ -98,3 +99,11 @@ def test_train_eval_infer_with_the_infini_lm(tmp_path):
   assert [o["prompt"] for o in outputs] == ["the bird is", "count: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 "
                                             "20 21"]
   assert all(0 < len(o["tokens"]) <= 12 for o in outputs)
+
+
+def test_a_batch_the_mesh_cannot_split_is_one_clear_error(tmp_path):
+  lm_runs.corpus(str(tmp_path / "data"))
+  model_dir = str(tmp_path / "run")
+  lm_runs.parse(FILES, lm_runs.tiny_bindings(str(tmp_path / "data"), model_dir, BATCH_SIZE=3, **SHAPE))
+  with pytest.raises(ValueError, match="cannot be split over the mesh's data x fsdp = 8 shards"):
+    train.train(model_dir)

@@ -34,6 +34,10 @@ class DatasetConfig:
   pack: bool = True
   num_epochs: int | None = None  # None repeats forever
   module: str | None = None  # imported first: registers user seqio tasks
+  # 'decoder': LM loss on every token of "targets"; 'prefix_lm': "inputs" then "targets" in
+  # one sequence, loss on the targets only (their length: targets_length).
+  feature_converter: str = "decoder"
+  targets_length: int = 8
   use_cached: bool = False
 
 
@@ -55,10 +59,22 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
   task = get_task(config)
   if config.split not in task.splits:
     raise ValueError(f"split {config.split!r} is not in task {task.name!r} (it has {list(task.splits)}).")
-  converter = seqio.DecoderFeatureConverter(pack=config.pack)
+  if config.feature_converter == "decoder":
+    converter = seqio.DecoderFeatureConverter(pack=config.pack)
+    feature_lengths = {"targets": config.sequence_length}
+  elif config.feature_converter == "prefix_lm":
+    if not 0 < config.targets_length < config.sequence_length:
+      raise ValueError(f"DatasetConfig.targets_length must be in 1..sequence_length-1={config.sequence_length - 1},"
+                       f" got {config.targets_length}.")
+    converter = seqio.PrefixLMFeatureConverter(pack=config.pack, loss_on_targets_only=True)
+    feature_lengths = {"inputs": config.sequence_length - config.targets_length,
+                       "targets": config.targets_length}
+  else:
+    raise ValueError(f"DatasetConfig.feature_converter must be 'decoder' or 'prefix_lm', got "
+                     f"{config.feature_converter!r}.")
   dataset = seqio.get_dataset(
       config.mixture_or_task_name,
-      task_feature_lengths={"targets": config.sequence_length},
+      task_feature_lengths=feature_lengths,
       dataset_split=config.split,
       shuffle=config.shuffle,
       num_epochs=config.num_epochs,

@@ -201,3 +201,26 @@ class CachedLM:
     """Like forward but returns only the cache (prefill: no logits are computed)."""
     check_room(offset, tokens.shape[1], cache_length(cache))
     return self._advance(params, tokens, cache, np.int32(offset))
+
+
+def greedy_continue(lm: CachedLM, params: Any, cache: Cache, prompts: np.ndarray, num_tokens: int, *,
+                    chunk: int) -> np.ndarray:
+  """Prefills equal-length prompts [batch, length] chunk by chunk, then appends `num_tokens`
+  argmax tokens one at a time -> [batch, num_tokens]. The cache must hold
+  max(ceil(length / chunk) * chunk, length + num_tokens) positions."""
+  batch, length = prompts.shape
+  offset, last = 0, None
+  while offset < length:
+    piece = np.zeros((batch, chunk), np.int32)
+    real = prompts[:, offset:offset + chunk]
+    piece[:, :real.shape[1]] = real
+    logits, cache = lm.forward(params, piece, cache, offset)
+    last = logits[:, real.shape[1] - 1]  # positions past the prompt are overwritten by generated tokens
+    offset += chunk
+  out = []
+  for t in range(num_tokens):
+    token = np.asarray(jnp.argmax(last, axis=-1), np.int32)
+    out.append(token)
+    logits, cache = lm.forward(params, token[:, None], cache, length + t)
+    last = logits[:, 0]
+  return np.stack(out, axis=1)

@@ -70,3 +70,10 @@ def evaluate(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
   logger.close()
   logging.info("Eval %s: %s", name, metrics)
   return metrics
+
+
+@gin.configurable(denylist=["model_dir"])
+def run_eval(model_dir: str, eval_fn: Callable[[str], Any] = evaluate) -> Any:
+  """What eval.py runs: `evaluate` (validation metrics) unless a gin file binds another
+  evaluation, e.g. `run_eval.eval_fn = @passkey_eval`."""
+  return eval_fn(model_dir)

@@ -119,6 +119,11 @@ class Trainer:
 
   def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host-local numpy arrays [local_batch, ...] -> global arrays sharded over (data, fsdp)."""
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    rows = {len(v) for v in local_batch.values()}
+    if any((r * jax.process_count()) % shards for r in rows):
+      raise ValueError(f"a global batch of {sorted(rows)[0] * jax.process_count()} rows cannot be split over the "
+                       f"mesh's data x fsdp = {shards} shards; make the batch size a multiple of {shards}.")
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local_batch.items()}
 

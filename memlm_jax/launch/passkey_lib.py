@@ -1,0 +1,90 @@
+r"""Passkey evaluation launcher: restore a checkpoint, run passkey retrieval at each length.
+
+  python -m memlm_jax.eval --gin_file=runs/passkey_eval.gin --gin_file=<model>.gin \
+      --gin.MODEL_DIR="'runs/passkey'" --gin.PASSKEY_LENGTHS="[2048, 1048576]"
+
+Models with a recurrent memory (`init_memory`) stream the prompt (bounded memory at any
+length); dense models prefill a KV cache and are reported as "exceeds_context" above
+`max_context`. Writes MODEL_DIR/eval/passkey_step<N>.json (schema: evaluation/passkey.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import gin
+import jax
+import numpy as np
+import seqio
+from absl import logging
+from flax import nnx
+
+from memlm_jax.data.passkey import EVAL_SEED, PasskeyBuilder
+from memlm_jax.decoding import kv_cache
+from memlm_jax.decoding.lm_decoding import MemoryStreamer, prepend_bos
+from memlm_jax.evaluation.passkey import evaluate_passkey
+from memlm_jax.launch.eval_lib import restore_for_inference, write_json
+from memlm_jax.models import infini_lm
+from memlm_jax.runtime import partitioning
+
+
+def streaming_continue_fn(graphdef: nnx.GraphDef, params: Any, chunk_segments: int,
+                          progress: Callable[[str], None]) -> Callable[[np.ndarray, int], np.ndarray]:
+  """Greedy continuation of equal-length prompts through a memory model's MemoryStreamer."""
+  net = nnx.merge(graphdef, params)
+  streamer = MemoryStreamer(infini_lm.streaming_apply_fn(graphdef), net.segment_length,
+                            chunk_segments=chunk_segments)
+
+  def report(done: int, total: int) -> None:
+    if done == total or done % (1 << 17) < streamer.chunk_length:
+      progress(f"  streamed {done:,}/{total:,} tokens")
+
+  def continue_fn(prompts: np.ndarray, num_tokens: int) -> np.ndarray:
+    prompts, lengths = prepend_bos(prompts, np.full((prompts.shape[0],), prompts.shape[1]))
+    state = streamer.prefill(params, net.init_memory(prompts.shape[0]), prompts, lengths, progress=report)
+    generated, _, _ = streamer.generate(params, state, num_tokens=num_tokens, eos_id=-1)
+    return np.asarray(generated)
+
+  return continue_fn
+
+
+def dense_continue_fn(graphdef: nnx.GraphDef, params: Any, chunk: int) -> Callable[[np.ndarray, int], np.ndarray]:
+  """Greedy continuation of equal-length prompts by a dense LM with a KV cache."""
+  net = nnx.merge(graphdef, params)
+  lm = kv_cache.CachedLM(graphdef)
+
+  def continue_fn(prompts: np.ndarray, num_tokens: int) -> np.ndarray:
+    prompts, _ = prepend_bos(prompts, np.zeros((prompts.shape[0],)))
+    length = prompts.shape[1]
+    cache = kv_cache.init_cache(net, prompts.shape[0], max(-(-length // chunk) * chunk, length + num_tokens))
+    return kv_cache.greedy_continue(lm, params, cache, prompts, num_tokens, chunk=chunk)
+
+  return continue_fn
+
+
+@gin.configurable(denylist=["model_dir"])
+def passkey_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
+                 vocabulary: seqio.Vocabulary = gin.REQUIRED, lengths: Sequence[int] = gin.REQUIRED,
+                 examples_per_bucket: int = 2, key_min: int = 10_000, key_max: int = 99_999, seed: int = EVAL_SEED,
+                 max_context: int | None = None, label: str | None = None, chunk_segments: int = 64,
+                 dense_chunk: int = 512, checkpoint_step: int | None = None,
+                 mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh) -> dict:
+  """Evaluates passkey retrieval; returns (and writes) the results dict."""
+  partitioning.initialize_distributed()
+  trainer, params, step = restore_for_inference(model_dir, model, mesh(), checkpoint_step)
+  builder = PasskeyBuilder(vocabulary, key_min, key_max)
+  net = nnx.merge(trainer.graphdef, params)
+  with trainer.context():
+    if hasattr(net, "init_memory"):
+      continue_fn = streaming_continue_fn(trainer.graphdef, params, chunk_segments, logging.info)
+      kind = f"Infini ({net.layers[0].attention.update_rule})"
+    else:
+      continue_fn = dense_continue_fn(trainer.graphdef, params, dense_chunk)
+      kind = "dense"
+    results = evaluate_passkey(continue_fn, builder, lengths, examples_per_bucket=examples_per_bucket, seed=seed,
+                               max_context=max_context, progress=logging.info)
+  payload = {"model": label or kind, "step": step, "metric_note": "exact match of the key's digit tokens", **results}
+  if jax.process_index() == 0:
+    write_json(os.path.join(model_dir, "eval", f"passkey_step{step}.json"), payload)
+  return payload

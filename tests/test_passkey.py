@@ -1,0 +1,145 @@
+"""Passkey task format, determinism, seqio task, eval scoring with stub models, a training smoke test."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from memlm_jax.data import lm_dataset, passkey
+from memlm_jax.data.vocabularies import byte_vocabulary
+from memlm_jax.evaluation.passkey import bucket_depths, evaluate_passkey
+from memlm_jax.launch import eval_lib
+from memlm_jax.launch import train_lib as train
+from memlm_jax.runtime.summaries import read_jsonl
+from tests import lm_runs
+
+VOCAB = byte_vocabulary()
+
+
+def _text(tokens):
+  return VOCAB.decode([int(t) for t in tokens])
+
+
+@pytest.mark.parametrize("length,depth", [(300, 0.0), (777, 0.5), (2048, 0.9), (4096, 1.0)])
+def test_prompt_has_the_exact_length_the_papers_text_and_the_needle_at_its_depth(length, depth):
+  builder = passkey.PasskeyBuilder(VOCAB)
+  example = builder.build(length, depth, key=48213)
+  assert len(example.inputs) == length
+  text = _text(example.inputs)
+  assert text.startswith(passkey.INSTRUCTION + " The grass is green.") or depth == 0.0
+  assert text.endswith(" What is the pass key? The pass key is")
+  needle = " The pass key is 48213. Remember it. 48213 is the pass key."
+  assert text.count(needle) == 1 and text.count("48213") == 2
+  assert _text(example.targets) == " 48213"
+  # The needle starts where the depth says, up to one filler sentence, on a sentence boundary.
+  filler_length = length - len(builder.instruction) - len(builder.needle(48213)) - len(builder.question)
+  at = example.needle_start - len(builder.instruction)
+  assert abs(at - depth * filler_length) <= max(len(" " + s) for s in passkey.FILLER_SENTENCES)
+  assert _text(example.inputs[example.needle_start:]).startswith(needle)
+  before = text[:text.index(needle)]
+  assert before.endswith(".") or before == passkey.INSTRUCTION
+  # Everything else is the instruction and whole-sentence filler (cut only at the very end).
+  haystack = (text[len(passkey.INSTRUCTION):text.index(" What is the pass key?")]).replace(needle, "")
+  cycle = "".join(" " + s for s in passkey.FILLER_SENTENCES)
+  assert (cycle * (len(haystack) // len(cycle) + 1)).startswith(haystack)
+
+
+def test_examples_are_deterministic_and_splits_draw_different_keys():
+  builder = passkey.PasskeyBuilder(VOCAB, key_min=100, key_max=999)
+  a = builder.sample(600, seed=3, index=5)
+  b = builder.sample(600, seed=3, index=5)
+  np.testing.assert_array_equal(a.inputs, b.inputs)
+  assert 100 <= a.key <= 999 and _text(a.targets) == f" {a.key}"
+  train_keys = [builder.sample(400, passkey.SPLIT_SEEDS["train"], i).key for i in range(50)]
+  eval_keys = [builder.sample(400, passkey.EVAL_SEED, i).key for i in range(50)]
+  assert train_keys != eval_keys
+
+
+def test_a_million_token_prompt_is_built_fast():
+  import time
+  builder = passkey.PasskeyBuilder(VOCAB)
+  start = time.perf_counter()
+  example = builder.build(1 << 20, 0.37, 12345)
+  assert time.perf_counter() - start < 1.0
+  assert len(example.inputs) == 1 << 20 and example.inputs.dtype == np.int32
+
+
+def test_bad_lengths_depths_and_keys_are_refused():
+  builder = passkey.PasskeyBuilder(VOCAB)
+  with pytest.raises(ValueError, match="shorter than the prompt without filler"):
+    builder.build(100, 0.5, 12345)
+  with pytest.raises(ValueError, match="depth must be in"):
+    builder.build(1000, 1.5, 12345)
+  with pytest.raises(ValueError, match="outside the configured range"):
+    builder.build(1000, 0.5, 7)
+  with pytest.raises(ValueError, match="shorter than the shortest prompt"):
+    passkey.passkey_task(name="too_short", lengths=[50])
+
+
+def test_seqio_task_trains_on_the_answer_only():
+  name = passkey.passkey_task(name="passkey_test", lengths=[300, 400])
+  config = lm_dataset.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=4, pack=False,
+                                    feature_converter="prefix_lm", targets_length=8, shuffle=False)
+  batch = next(iter(lm_dataset.get_dataset(config).as_numpy_iterator()))
+  for row in range(4):
+    targets, weights = batch["decoder_target_tokens"][row], batch["decoder_loss_weights"][row]
+    prompt_length = int((targets != 0).sum()) - 6
+    assert prompt_length in (300, 400)
+    text = _text(targets[:prompt_length])
+    assert _text(targets[weights > 0]) == " " + text.split("The pass key is ")[1][:5]
+    np.testing.assert_array_equal(batch["decoder_input_tokens"][row, 1:], targets[:-1])
+
+
+def _stub(builder, wrong_digits=0):
+  """A 'model' that reads the key out of the prompt text (optionally corrupting digits)."""
+  def continue_fn(prompts, num_tokens):
+    out = np.zeros((len(prompts), num_tokens), np.int32)
+    for i, prompt in enumerate(prompts):
+      key = _text(prompt).split("The pass key is ")[1][:5]
+      key = key[:5 - wrong_digits] + "0" * wrong_digits
+      answer = builder.answer(int(key)) if wrong_digits == 0 else np.asarray(VOCAB.encode(" " + key))
+      out[i, :len(answer)] = answer
+    return out
+  return continue_fn
+
+
+def test_eval_scores_a_right_stub_100_a_wrong_stub_0_and_reports_lengths_it_cannot_hold():
+  builder = passkey.PasskeyBuilder(VOCAB)
+  right = evaluate_passkey(_stub(builder), builder, [400, 700], examples_per_bucket=2, seed=9)
+  assert [s["exact_match"] for s in right["summary"]] == [1.0] * 6
+  assert {r["bucket"] for r in right["results"]} == {"start", "middle", "end"}
+  wrong = evaluate_passkey(_stub(builder, wrong_digits=2), builder, [400, 5000], examples_per_bucket=1, seed=9,
+                           max_context=1000)
+  ok = [s for s in wrong["summary"] if s["status"] == "ok"]
+  assert [s["exact_match"] for s in ok] == [0.0] * 3
+  for s in ok:  # 3 of 5 digits right (unless the key already ended in zeros)
+    assert 0.6 <= s["token_accuracy"] < 1.0
+  assert [s["status"] for s in wrong["summary"] if s["length"] == 5000] == ["exceeds_context"] * 3
+
+
+def test_bucket_depths_fall_in_their_buckets():
+  depths = bucket_depths(3)
+  assert [passkey.depth_bucket(d) for d in depths] == ["start"] * 3 + ["middle"] * 3 + ["end"] * 3
+
+
+def test_training_smoke_and_the_eval_launcher_at_a_small_length(tmp_path):
+  model_dir = str(tmp_path / "run")
+  bindings = [f"MODEL_DIR = '{model_dir}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 2", "SEQUENCE_LENGTH = 512",
+              "make_mesh.num_devices = 2",
+              "passkey_task.lengths = [300, 500]", "InfiniTransformerLM.segment_length = 32",
+              "Checkpointer.save_interval_steps = 4", "train.log_every_steps = 1",
+              "warmup_cosine_schedule.warmup_steps = 1"]
+  lm_runs.parse(["runs/train.gin", "tiny/infini_passkey.gin"], bindings)
+  train.train(model_dir)
+  rows = read_jsonl(os.path.join(model_dir, "train", "metrics.jsonl"))
+  assert sorted(rows) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows.values())
+  assert rows[1]["tokens"] == 2 * 6  # the loss is on the answer (" NNNNN") only
+  lm_runs.parse(["runs/passkey_eval.gin", "tiny/infini_passkey.gin"],
+                bindings + ["PASSKEY_LENGTHS = [400, 1100]", "passkey_eval.examples_per_bucket = 1",
+                            "passkey_eval.max_context = 1000"])
+  payload = eval_lib.run_eval(model_dir)
+  written = json.load(open(os.path.join(model_dir, "eval", "passkey_step4.json")))
+  assert written == json.loads(json.dumps(payload))
+  assert [s["status"] for s in written["summary"]] == ["ok"] * 3 + ["exceeds_context"] * 3
+  assert len(written["results"]) == 3 and all(len(r["predicted"]) > 0 for r in written["results"])

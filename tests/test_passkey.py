@@ -1,5 +1,6 @@
 """Passkey task format, determinism, seqio task, eval scoring with stub models, a training smoke test."""
 
+import dataclasses
 import json
 import os
 
@@ -89,6 +90,9 @@ def test_seqio_task_trains_on_the_answer_only():
     text = _text(targets[:prompt_length])
     assert _text(targets[weights > 0]) == " " + text.split("The pass key is ")[1][:5]
     np.testing.assert_array_equal(batch["decoder_input_tokens"][row, 1:], targets[:-1])
+  everywhere = dataclasses.replace(config, loss_on_targets_only=False)
+  batch = next(iter(lm_dataset.get_dataset(everywhere).as_numpy_iterator()))
+  np.testing.assert_array_equal(batch["decoder_loss_weights"] > 0, batch["decoder_target_tokens"] != 0)
 
 
 def _stub(builder, wrong_digits=0):

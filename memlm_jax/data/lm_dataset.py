@@ -35,9 +35,11 @@ class DatasetConfig:
   num_epochs: int | None = None  # None repeats forever
   module: str | None = None  # imported first: registers user seqio tasks
   # 'decoder': LM loss on every token of "targets"; 'prefix_lm': "inputs" then "targets" in
-  # one sequence, loss on the targets only (their length: targets_length).
+  # one sequence, loss on the targets only (their length: targets_length) unless
+  # loss_on_targets_only is False.
   feature_converter: str = "decoder"
   targets_length: int = 8
+  loss_on_targets_only: bool = True
   use_cached: bool = False
 
 
@@ -66,7 +68,8 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
     if not 0 < config.targets_length < config.sequence_length:
       raise ValueError(f"DatasetConfig.targets_length must be in 1..sequence_length-1={config.sequence_length - 1},"
                        f" got {config.targets_length}.")
-    converter = seqio.PrefixLMFeatureConverter(pack=config.pack, loss_on_targets_only=True)
+    converter = seqio.PrefixLMFeatureConverter(pack=config.pack,
+                                              loss_on_targets_only=config.loss_on_targets_only)
     feature_lengths = {"inputs": config.sequence_length - config.targets_length,
                        "targets": config.targets_length}
   else:

@@ -147,3 +147,12 @@ def test_training_smoke_and_the_eval_launcher_at_a_small_length(tmp_path):
   assert written == json.loads(json.dumps(payload))
   assert [s["status"] for s in written["summary"]] == ["ok"] * 3 + ["exceeds_context"] * 3
   assert len(written["results"]) == 3 and all(len(r["predicted"]) > 0 for r in written["results"])
+
+
+def test_the_papers_1b_passkey_config_parses():
+  import gin
+  lm_runs.parse(["runs/train.gin", "experiments/infini_passkey/paper_1b_finetune.gin"],
+                ["SPM_MODEL = '/nonexistent/spm.model'", "MODEL_DIR = '/tmp/unused'"])
+  assert gin.query_parameter("InfiniTransformerLM.segment_length") == 2048
+  assert gin.query_parameter("passkey_task.lengths") == [5112]
+  assert gin.query_parameter("warmup_cosine_schedule.peak_value") == 1e-4

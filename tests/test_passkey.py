@@ -132,6 +132,8 @@ def test_training_smoke_and_the_eval_launcher_at_a_small_length(tmp_path):
   bindings = [f"MODEL_DIR = '{model_dir}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 2", "SEQUENCE_LENGTH = 512",
               "make_mesh.num_devices = 2",
               "passkey_task.lengths = [300, 500]", "InfiniTransformerLM.segment_length = 32",
+              "passkey_task.key_min = 10000", "passkey_task.key_max = 99999",
+              "train/DatasetConfig.targets_length = 8",
               "Checkpointer.save_interval_steps = 4", "train.log_every_steps = 1",
               "warmup_cosine_schedule.warmup_steps = 1"]
   lm_runs.parse(["runs/train.gin", "tiny/infini_passkey.gin"], bindings)

@@ -48,3 +48,24 @@ def launcher(module: str, files: list[str], bindings: list[str]) -> list[str]:
 
 def run(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
   return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+ONE_DEVICE = ["make_mesh.num_devices = 1", "make_mesh.data = 1"]
+FSDP2_TENSOR4 = ["make_mesh.data = 1", "make_mesh.fsdp = 2", "make_mesh.tensor = 4"]
+
+
+def losses_on_meshes(tmp_path, files: list[str], steps: int, **extra) -> dict[str, tuple]:
+  """Trains the same run on 1 device and on a 2x4 (fsdp x tensor) mesh; per mesh, the
+  (losses, grad norms) of steps 1..steps."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from memlm_jax.launch import train_lib  # pylint: disable=g-import-not-at-top
+  from memlm_jax.runtime.summaries import read_jsonl  # pylint: disable=g-import-not-at-top
+  corpus(str(tmp_path / "data"))
+  out = {}
+  for name, mesh_bindings in (("one", ONE_DEVICE), ("mesh", FSDP2_TENSOR4)):
+    model_dir = str(tmp_path / name)
+    parse(files, tiny_bindings(str(tmp_path / "data"), model_dir, TRAIN_STEPS=steps, **extra) + mesh_bindings)
+    train_lib.train(model_dir)
+    rows = read_jsonl(f"{model_dir}/train/metrics.jsonl")
+    out[name] = tuple(np.array([rows[s][key] for s in range(1, steps + 1)]) for key in ("loss", "grad_norm"))
+  return out

@@ -21,21 +21,9 @@ FILES = ["runs/train.gin", "tiny/infini_lm_demo.gin"]
 SHAPE = {"SEQUENCE_LENGTH": 64, "InfiniTransformerLM.segment_length": 16}
 
 
-def _losses(tmp_path, name, mesh_bindings, steps=12):
-  model_dir = str(tmp_path / name)
-  bindings = lm_runs.tiny_bindings(str(tmp_path / "data"), model_dir, TRAIN_STEPS=steps, **SHAPE)
-  lm_runs.parse(FILES, bindings + mesh_bindings)
-  train.train(model_dir)
-  rows = read_jsonl(f"{model_dir}/train/metrics.jsonl")
-  return (np.array([rows[s]["loss"] for s in range(1, steps + 1)]),
-          np.array([rows[s]["grad_norm"] for s in range(1, steps + 1)]))
-
-
 def test_one_device_and_2x4_mesh_train_the_infini_lm_identically(tmp_path):
-  lm_runs.corpus(str(tmp_path / "data"))
-  single_loss, single_grad = _losses(tmp_path, "one", ["make_mesh.num_devices = 1", "make_mesh.data = 1"])
-  mesh_loss, mesh_grad = _losses(tmp_path, "mesh", ["make_mesh.data = 1", "make_mesh.fsdp = 2",
-                                                    "make_mesh.tensor = 4"])
+  runs = lm_runs.losses_on_meshes(tmp_path, FILES, steps=12, **SHAPE)
+  (single_loss, single_grad), (mesh_loss, mesh_grad) = runs["one"], runs["mesh"]
   assert single_loss[-1] < single_loss[0] - 0.5  # it actually trains
   np.testing.assert_allclose(mesh_loss, single_loss, rtol=5e-5)
   np.testing.assert_allclose(mesh_grad, single_grad, rtol=5e-4)

@@ -5,31 +5,19 @@ import numpy as np
 import optax
 import pytest
 
-from memlm_jax.launch import train_lib as train
 from memlm_jax.models.transformer_lm import TransformerLM
 from memlm_jax.runtime import partitioning
 from memlm_jax.runtime import train_state as train_state_lib
 from memlm_jax.runtime.checkpoints import Checkpointer
-from memlm_jax.runtime.summaries import read_jsonl
 from memlm_jax.runtime.trainer import Trainer
 from tests import lm_runs
 
 FILES = ["runs/train.gin", "tiny/lm_demo.gin"]
 
 
-def _losses(tmp_path, name, mesh_bindings):
-  model_dir = str(tmp_path / name)
-  lm_runs.parse(FILES, lm_runs.tiny_bindings(str(tmp_path / "data"), model_dir) + mesh_bindings)
-  train.train(model_dir)
-  rows = read_jsonl(f"{model_dir}/train/metrics.jsonl")
-  return np.array([rows[s]["loss"] for s in range(1, 21)]), np.array([rows[s]["grad_norm"] for s in range(1, 21)])
-
-
 def test_one_device_and_2x4_mesh_give_the_same_losses(tmp_path):
-  lm_runs.corpus(str(tmp_path / "data"))
-  single_loss, single_grad = _losses(tmp_path, "one", ["make_mesh.num_devices = 1", "make_mesh.data = 1"])
-  mesh_loss, mesh_grad = _losses(tmp_path, "mesh", ["make_mesh.data = 1", "make_mesh.fsdp = 2",
-                                                    "make_mesh.tensor = 4"])
+  runs = lm_runs.losses_on_meshes(tmp_path, FILES, steps=20)
+  (single_loss, single_grad), (mesh_loss, mesh_grad) = runs["one"], runs["mesh"]
   assert single_loss[-1] < single_loss[0] - 0.5  # it actually trains
   np.testing.assert_allclose(mesh_loss, single_loss, rtol=2e-5)
   np.testing.assert_allclose(mesh_grad, single_grad, rtol=2e-4)

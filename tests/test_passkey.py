@@ -158,3 +158,12 @@ def test_the_papers_1b_passkey_config_parses():
   assert gin.query_parameter("InfiniTransformerLM.segment_length") == 2048
   assert gin.query_parameter("passkey_task.lengths") == [5112]
   assert gin.query_parameter("warmup_cosine_schedule.peak_value") == 1e-4
+
+
+def test_a_prompt_longer_than_the_sequence_allows_is_an_error_not_a_silent_cut():
+  import tensorflow as tf
+  name = passkey.passkey_task(name="passkey_too_long", lengths=[600])
+  config = lm_dataset.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=2, pack=False,
+                                    feature_converter="prefix_lm", targets_length=8, shuffle=False)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="inputs"):
+    next(iter(lm_dataset.get_dataset(config).as_numpy_iterator()))

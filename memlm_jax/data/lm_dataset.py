@@ -85,6 +85,7 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
       shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
       use_cached=config.use_cached,
       seed=config.seed,
+      trim_output_features=False,  # an example longer than its feature length is an error, never cut
   )
   options = tf.data.Options()
   options.deterministic = True

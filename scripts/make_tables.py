@@ -71,7 +71,7 @@ def cmd_passkey(args: argparse.Namespace) -> None:
       raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
   print(pk.passkey_table(results, metric=args.metric, paper=not args.no_paper))
   if args.heatmap is not None:
-    path = args.heatmap or os.path.splitext(args.results[0])[0] + "_heatmap.png"
+    path = args.heatmap or os.path.splitext(pk.latest_results_path(args.results[0]))[0] + "_heatmap.png"
     if path.endswith(".json"):
       raise ValueError(f"--heatmap {path}: refusing to write a PNG over a .json (put --heatmap last).")
     pk.passkey_heatmap(results, path, metric=args.metric, depth_bins=args.depth_bins)
@@ -92,7 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
   memory.set_defaults(func=cmd_memory)
 
   passkey = sub.add_parser("passkey", help=cmd_passkey.__doc__)
-  passkey.add_argument("results", nargs="+", help="passkey results JSON(s), one row each")
+  passkey.add_argument("results", nargs="+", help="passkey results JSON(s) or model directories (their newest eval/passkey_step<N>.json), one row each")
   passkey.add_argument("--metric", choices=pk.METRICS, default="exact_match")
   passkey.add_argument("--heatmap", nargs="?", const="", default=None, metavar="PNG",
                        help="write a length x depth heatmap (default path: <first JSON>_heatmap.png)")

@@ -127,7 +127,8 @@ def test_bucket_depths_fall_in_their_buckets():
   assert [passkey.depth_bucket(d) for d in depths] == ["start"] * 3 + ["middle"] * 3 + ["end"] * 3
 
 
-def test_training_smoke_and_the_eval_launcher_at_a_small_length(tmp_path):
+@pytest.mark.parametrize("recipe", ["tiny/infini_passkey.gin", "tiny/dense_passkey.gin"])
+def test_training_smoke_and_the_eval_launcher_at_a_small_length(tmp_path, recipe):
   model_dir = str(tmp_path / "run")
   bindings = [f"MODEL_DIR = '{model_dir}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 2", "SEQUENCE_LENGTH = 512",
               "make_mesh.num_devices = 2",
@@ -136,18 +137,20 @@ def test_training_smoke_and_the_eval_launcher_at_a_small_length(tmp_path):
               "train/DatasetConfig.targets_length = 8",
               "Checkpointer.save_interval_steps = 4", "train.log_every_steps = 1",
               "warmup_cosine_schedule.warmup_steps = 1"]
-  lm_runs.parse(["runs/train.gin", "tiny/infini_passkey.gin"], bindings)
+  lm_runs.parse(["runs/train.gin", recipe], bindings)
   train.train(model_dir)
   rows = read_jsonl(os.path.join(model_dir, "train", "metrics.jsonl"))
   assert sorted(rows) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows.values())
   assert rows[1]["tokens"] == 2 * 6  # the loss is on the answer (" NNNNN") only
-  lm_runs.parse(["runs/passkey_eval.gin", "tiny/infini_passkey.gin"],
+  lm_runs.parse(["runs/passkey_eval.gin", recipe],
                 bindings + ["PASSKEY_LENGTHS = [400, 1100]", "passkey_eval.examples_per_bucket = 1",
                             "passkey_eval.max_context = 1000"])
   payload = eval_lib.run_eval(model_dir)
   written = json.load(open(os.path.join(model_dir, "eval", "passkey_step4.json")))
   assert written == json.loads(json.dumps(payload))
   assert [s["status"] for s in written["summary"]] == ["ok"] * 3 + ["exceeds_context"] * 3
+  assert "up to 1000 tokens" in written["summary"][-1]["reason"]
+  assert written["model"] == ("dense" if "dense" in recipe else "Infini (delta)")
   assert len(written["results"]) == 3 and all(len(r["predicted"]) > 0 for r in written["results"])
 
 

@@ -218,6 +218,21 @@ def test_script_passkey(tmp_path):
   _assert_png(str(tmp_path / "mine.png"))
 
 
+def test_script_passkey_takes_a_model_directory_and_reads_its_newest_eval(tmp_path):
+  (tmp_path / "run" / "eval").mkdir(parents=True)
+  older, newer = _infini(), _other()
+  (tmp_path / "run" / "eval" / "passkey_step5.json").write_text(json.dumps(older))
+  (tmp_path / "run" / "eval" / "passkey_step12.json").write_text(json.dumps(newer))
+  (tmp_path / "run" / "eval" / "passkey_step9.json.tmp").write_text("{")
+  proc = _run_script("passkey", str(tmp_path / "run"), "--no_paper", "--heatmap")
+  assert proc.returncode == 0, proc.stderr
+  assert list(_block(proc.stdout, "Model")) == ["other"]
+  _assert_png(str(tmp_path / "run" / "eval" / "passkey_step12_heatmap.png"))
+  (tmp_path / "empty").mkdir()
+  proc = _run_script("passkey", str(tmp_path / "empty"))
+  assert proc.returncode == 2 and "empty" in proc.stderr and "passkey_step<N>.json" in proc.stderr
+
+
 def test_script_passkey_errors(tmp_path):
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"model": "m", "step": 1, "summary": []}))

@@ -22,6 +22,7 @@ import collections
 import json
 import math
 import os
+import re
 from typing import Any, Mapping, Sequence, Union
 
 BUCKETS = ("start", "middle", "end")
@@ -108,8 +109,24 @@ def _is_fraction(value: Any) -> bool:
   return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
 
 
+def latest_results_path(path: str) -> str:
+  """`path` itself, or for a model directory its newest eval/passkey_step<N>.json."""
+  if not os.path.isdir(path):
+    return path
+  found = []
+  for name in os.listdir(os.path.join(path, "eval")) if os.path.isdir(os.path.join(path, "eval")) else []:
+    match = re.fullmatch(r"passkey_step(\d+)\.json", name)
+    if match:
+      found.append((int(match.group(1)), name))
+  if not found:
+    raise ValueError(f"{path} is a directory with no eval/passkey_step<N>.json; run the passkey eval first.")
+  return os.path.join(path, "eval", max(found)[1])
+
+
 def load_results(path: str) -> Results:
-  """Reads one passkey results JSON; ValueError naming the file (and key) if it is malformed."""
+  """Reads one passkey results JSON (or a model directory's newest one); ValueError naming the file
+  (and key) if it is malformed."""
+  path = latest_results_path(path)
   with open(path) as f:
     try:
       data = json.load(f)

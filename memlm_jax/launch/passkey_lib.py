@@ -82,8 +82,9 @@ def passkey_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
     else:
       continue_fn = dense_continue_fn(trainer.graphdef, params, dense_chunk)
       kind = "dense"
+    note = "" if max_context is None else f"{kind} evaluated up to {max_context} tokens (passkey_eval.max_context)"
     results = evaluate_passkey(continue_fn, builder, lengths, examples_per_bucket=examples_per_bucket, seed=seed,
-                               max_context=max_context, progress=logging.info)
+                               max_context=max_context, context_note=note, progress=logging.info)
   payload = {"model": label or kind, "step": step, "metric_note": "exact match of the key's digit tokens", **results}
   if jax.process_index() == 0:
     write_json(os.path.join(model_dir, "eval", f"passkey_step{step}.json"), payload)

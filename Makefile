@@ -5,9 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/passkey_demo
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench clean system-deps
 
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+# System packages: espeak-ng synthesizes the speech corpus the tests use. Checked on every
+# run (cheap), installed with apt when missing (sudo unless root).
+system-deps:
+	@command -v espeak-ng >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y espeak-ng; }
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'

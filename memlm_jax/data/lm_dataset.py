@@ -16,6 +16,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from memlm_jax.data.speech_features import SpeechFeatureConverter
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,8 @@ class DatasetConfig:
   module: str | None = None  # imported first: registers user seqio tasks
   # 'decoder': LM loss on every token of "targets"; 'prefix_lm': "inputs" then "targets" in
   # one sequence, loss on the targets only (their length: targets_length) unless
-  # loss_on_targets_only is False.
+  # loss_on_targets_only is False; 'speech': "audio" padded to sequence_length samples and
+  # "targets" to targets_length labels, with paddings (data/speech_features.py).
   feature_converter: str = "decoder"
   targets_length: int = 8
   loss_on_targets_only: bool = True
@@ -72,8 +75,13 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
                                               loss_on_targets_only=config.loss_on_targets_only)
     feature_lengths = {"inputs": config.sequence_length - config.targets_length,
                        "targets": config.targets_length}
+  elif config.feature_converter == "speech":
+    if config.pack:
+      raise ValueError("DatasetConfig.pack must be False for feature_converter='speech' (utterances are not packed).")
+    converter = SpeechFeatureConverter()
+    feature_lengths = {"audio": config.sequence_length, "targets": config.targets_length}
   else:
-    raise ValueError(f"DatasetConfig.feature_converter must be 'decoder' or 'prefix_lm', got "
+    raise ValueError(f"DatasetConfig.feature_converter must be 'decoder', 'prefix_lm' or 'speech', got "
                      f"{config.feature_converter!r}.")
   dataset = seqio.get_dataset(
       config.mixture_or_task_name,

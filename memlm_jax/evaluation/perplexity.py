@@ -12,5 +12,7 @@ def lm_metrics(sums: Mapping[str, float]) -> dict[str, float]:
   if weight <= 0:
     raise ValueError(f"lm_metrics: no weighted tokens (weight_sum={weight}); is the eval split empty?")
   loss = float(sums["loss_sum"]) / weight
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": float(sums["correct_sum"]) / weight,
-          "tokens": weight}
+  metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": weight}
+  if "correct_sum" in sums:
+    metrics["accuracy"] = float(sums["correct_sum"]) / weight
+  return metrics

@@ -98,6 +98,10 @@ def logical_to_mesh_spec(logical: Sequence[str | None], rules: LogicalRules, wha
                        f"add it to logical_axis_rules (known: {sorted(table)}).")
     else:
       mesh_axes.append(table[name])
+  used = [a for axes in mesh_axes if axes for a in (axes if isinstance(axes, tuple) else (axes,))]
+  if len(used) != len(set(used)):
+    raise ValueError(f"{what}: logical axes {tuple(logical)} map to mesh axes {tuple(mesh_axes)}, which use one "
+                     f"mesh axis twice; annotate one of those dimensions differently (or None).")
   return PartitionSpec(*mesh_axes)
 
 

@@ -1,7 +1,8 @@
 """One jitted train step (and eval step) with explicit in/out shardings.
 
 The model contract: `model.loss(batch, deterministic=..., rngs=...)` returns float32
-sums `loss_sum`, `weight_sum`, `correct_sum`. Losses are normalised by the total
+sums `loss_sum`, `weight_sum` and, for models with a token accuracy, `correct_sum`
+(a transducer has none; `accuracy` is then not reported). Losses are normalised by the total
 weight of the whole global batch (all microbatches), so gradient accumulation and
 any mesh give the same update as one big batch on one device.
 """
@@ -22,7 +23,6 @@ from memlm_jax.runtime import partitioning
 from memlm_jax.runtime.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
-_SUMS = ("loss_sum", "weight_sum", "correct_sum")
 
 
 class Trainer:
@@ -80,7 +80,9 @@ class Trainer:
         grads, sums = self._grads_and_sums(state.params, microbatch, jax.random.fold_in(rng, index))
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in _SUMS})
+      first = jax.tree.map(lambda x: x[0], micro)
+      keys = jax.eval_shape(lambda: self._grads_and_sums(state.params, first, rng)[1]).keys()
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros((), jnp.float32) for k in keys})
       (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(self.accum_steps), micro))
     weight = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
@@ -88,12 +90,13 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": sums["loss_sum"] / weight,
-        "accuracy": sums["correct_sum"] / weight,
         "tokens": sums["weight_sum"],
         "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(params),
         "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
     }
+    if "correct_sum" in sums:
+      metrics["accuracy"] = sums["correct_sum"] / weight
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def _split_microbatches(self, x: jax.Array) -> jax.Array:
@@ -130,9 +133,9 @@ class Trainer:
   def eval_totals(self, params: Any, batches: Iterator[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """Sums of loss, weight and correct tokens over host-local batches (every host must
     pass the same number of batches)."""
-    totals = {k: 0.0 for k in _SUMS}
+    totals: dict[str, float] = {}
     for local_batch in batches:
       sums = jax.device_get(self.eval_sums(params, self.global_batch(local_batch)))
-      for k in _SUMS:
-        totals[k] += float(sums[k])
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
     return totals

@@ -35,6 +35,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_train_step.py --output=results/bench_train_step.json
 	$(PY) scripts/bench_infini.py --output=results/bench_infini.json
+	$(PY) scripts/bench_rnnt.py --output=results/bench_rnnt.json
 
 clean:
 	rm -rf $(VENV) runs results

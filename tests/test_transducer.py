@@ -1,0 +1,143 @@
+"""The Conformer transducer end to end: sizes, padding invariance, training on 1 device vs a
+2x4 mesh, the ASR eval launcher, and decoding through the model's own functions."""
+
+import json
+import math
+import os
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from memlm_jax.launch import asr_lib, eval_lib, train_lib
+from memlm_jax.models.transducer import Transducer
+from memlm_jax.runtime.summaries import read_jsonl
+from scripts import make_synthetic_speech as synth
+from scripts import train_spm
+from tests import lm_runs
+
+# Gulati et al. 2020, Table 1 (encoder + single-LSTM decoder, ~1k word-piece vocabulary).
+PAPER_PARAMS_M = {"s": 10.3, "m": 30.7, "l": 118.8}
+
+TINY = ["ConformerEncoder.model_dim = 16", "ConformerEncoder.num_heads = 2", "ConformerEncoder.num_layers = 1",
+        "ConformerEncoder.conv_kernel = 5", "ConformerEncoder.dropout_rate = 0.0", "LstmPredictor.embed_dim = 8",
+        "LstmPredictor.hidden_dim = 8", "JointNetwork.joint_dim = 8", "SpecAugment.num_time_masks = 1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("speech"))
+  synth.make_corpus(out, num_utterances=10, seed=3, workers=1, dev_fraction=0.2, test_fraction=0.2)
+  train_spm.train_spm(os.path.join(out, "train.jsonl"), os.path.join(out, "spm"), vocab_size=48)
+  return out
+
+
+def _bindings(corpus, model_dir, **extra):
+  values = {"TRAIN_MANIFEST": f"'{corpus}/train.jsonl'", "DEV_MANIFEST": f"'{corpus}/dev.jsonl'",
+            "TEST_MANIFEST": f"'{corpus}/test.jsonl'", "SPM_MODEL": f"'{corpus}/spm.model'", "VOCAB_SIZE": 48,
+            "MODEL_DIR": f"'{model_dir}'", "BATCH_SIZE": 8, "EVAL_BATCH_SIZE": 8, "TRAIN_STEPS": 3,
+            "train.log_every_steps": 1, "warmup_cosine_schedule.warmup_steps": 1,
+            "Checkpointer.save_interval_steps": 3}
+  values.update(extra)
+  return TINY + [f"{k} = {v}" for k, v in values.items()]
+
+
+@pytest.mark.parametrize("size", ["s", "m", "l"])
+def test_conformer_sizes_match_the_paper(size):
+  lm_runs.parse([f"models/conformer_{size}.gin"], ["VOCAB_SIZE = 1024"])
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transducer(rngs=nnx.Rngs(0)))
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  assert abs(params / 1e6 / PAPER_PARAMS_M[size] - 1) < 0.05, params
+
+
+def _tiny_model(predictor="@LstmPredictor"):
+  lm_runs.parse(["models/transducer.gin"], TINY + ["VOCAB_SIZE = 11", f"Transducer.predictor = {predictor}"])
+  with nnx.use_eager_sharding(False):
+    return Transducer(rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("predictor", ["@LstmPredictor", "@StatelessPredictor"])
+def test_an_utterance_scores_the_same_alone_and_padded_in_a_batch(predictor):
+  model = _tiny_model(predictor)
+  rng = np.random.default_rng(0)
+  audio = rng.normal(scale=0.1, size=(2, 4000)).astype(np.float32)
+  audio_paddings = np.zeros_like(audio)
+  audio_paddings[1, 2500:] = 1.0
+  audio[1, 2500:] = rng.normal(size=1500)  # garbage where padded
+  targets = np.array([[3, 4, 5, 6], [7, 2, 0, 0]], np.int32)
+  target_paddings = (targets == 0).astype(np.float32)
+  batch = dict(audio=audio, audio_paddings=audio_paddings, targets=targets, target_paddings=target_paddings)
+  both = model.per_example_nll({k: jnp.asarray(v) for k, v in batch.items()})
+  alone = model.per_example_nll({"audio": jnp.asarray(audio[1:, :2500]),
+                                 "audio_paddings": jnp.zeros((1, 2500)),
+                                 "targets": jnp.asarray(targets[1:, :2]), "target_paddings": jnp.zeros((1, 2))})
+  assert np.all(np.isfinite(both)) and both[0] > 0
+  np.testing.assert_allclose(both[1], alone[0], rtol=2e-5)
+  sums = model.loss({k: jnp.asarray(v) for k, v in batch.items()})
+  assert float(sums["weight_sum"]) == 6 and "correct_sum" not in sums
+  np.testing.assert_allclose(sums["loss_sum"], both.sum(), rtol=1e-6)
+
+
+def test_training_agrees_on_one_device_and_a_2x4_mesh_and_the_asr_eval_writes_wer(corpus, tmp_path):
+  losses = {}
+  for name, mesh in (("one", lm_runs.ONE_DEVICE), ("mesh", lm_runs.FSDP2_TENSOR4)):
+    model_dir = str(tmp_path / name)
+    lm_runs.parse(["runs/train.gin", "tiny/transducer_synthetic.gin"], _bindings(corpus, model_dir) + mesh)
+    train_lib.train(model_dir)
+    rows = read_jsonl(os.path.join(model_dir, "train", "metrics.jsonl"))
+    losses[name] = np.array([rows[s]["loss"] for s in (1, 2, 3)])
+    assert "accuracy" not in rows[1] and rows[1]["tokens"] > 0
+  assert np.all(np.isfinite(losses["one"]))
+  np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=2e-4)
+
+  model_dir = str(tmp_path / "mesh")
+  lm_runs.parse(["runs/asr_eval.gin", "tiny/transducer_synthetic.gin"],
+                _bindings(corpus, model_dir) + ["asr_eval.beam_size = 2", "asr_eval.max_output_length = 12"])
+  payload = eval_lib.run_eval(model_dir)
+  written = json.load(open(os.path.join(model_dir, "eval", "asr_test_step3.json")))
+  assert written == json.loads(json.dumps(payload))
+  lines = [json.loads(line) for line in open(os.path.join(model_dir, "eval", "asr_test_step3.jsonl"))]
+  references = [json.loads(line)["text"] for line in open(os.path.join(corpus, "test.jsonl"))]
+  assert sorted(r["reference"] for r in lines) == sorted(references) == sorted(set(references))
+  words = sum(len(r.split()) for r in references)
+  assert written["reference_words"] == words and written["utterances"] == len(references)
+  errors = written["substitutions"] + written["deletions"] + written["insertions"]
+  assert written["wer"] == pytest.approx(errors / words)
+  assert 0 <= written["b_wer"] and 0 <= written["u_wer"]
+
+
+def test_the_memory_lean_loss_gives_the_plain_loss_and_gradients():
+  plain = _tiny_model()
+  lm_runs.parse(["models/transducer.gin"], TINY + ["VOCAB_SIZE = 11", "Transducer.loss_frame_chunk = 3"])
+  with nnx.use_eager_sharding(False):
+    lean = Transducer(rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(2)
+  audio = rng.normal(scale=0.1, size=(2, 3000)).astype(np.float32)
+  batch = {"audio": jnp.asarray(audio), "audio_paddings": jnp.zeros((2, 3000)).at[1, 2000:].set(1.0),
+           "targets": jnp.asarray([[3, 4, 5], [6, 0, 0]], jnp.int32),
+           "target_paddings": jnp.asarray([[0, 0, 0], [0, 1, 1]], jnp.float32)}
+  grad = lambda m: nnx.grad(lambda net: net.loss(batch)["loss_sum"])(m)  # noqa: E731
+  np.testing.assert_allclose(lean.per_example_nll(batch), plain.per_example_nll(batch), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grad(lean)), jax.tree.leaves(grad(plain))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def test_greedy_decoder_is_beam_one():
+  model = _tiny_model()
+  graphdef, params = nnx.split(model)
+  audio = jnp.asarray(np.random.default_rng(1).normal(scale=0.1, size=(3, 6000)), jnp.float32)
+  paddings = jnp.zeros_like(audio).at[2, 3000:].set(1.0)
+  greedy = asr_lib.make_decoder(graphdef, beam_size=1, max_symbols_per_frame=3, max_output_length=10)
+  tokens, lengths = greedy(params, audio, paddings)
+  encoder_out, encoder_paddings = model.encode(audio, paddings)
+  from memlm_jax.decoding.transducer_beam import beam_search  # pylint: disable=g-import-not-at-top
+  best = beam_search(model.decoding_fns(), encoder_out, encoder_paddings, beam_size=1, max_symbols_per_frame=3,
+                     max_output_length=10)
+  np.testing.assert_array_equal(tokens, best.tokens[:, 0])
+  np.testing.assert_array_equal(lengths, best.lengths[:, 0])
+  with pytest.raises(ValueError, match="beam_size must be >= 1"):
+    asr_lib.make_decoder(graphdef, beam_size=0, max_symbols_per_frame=3, max_output_length=10)

@@ -98,9 +98,9 @@ def test_training_agrees_on_one_device_and_a_2x4_mesh_and_the_asr_eval_writes_we
   lm_runs.parse(["runs/asr_eval.gin", "tiny/transducer_synthetic.gin"],
                 _bindings(corpus, model_dir) + ["asr_eval.beam_size = 2", "asr_eval.max_output_length = 12"])
   payload = eval_lib.run_eval(model_dir)
-  written = json.load(open(os.path.join(model_dir, "eval", "asr_test_step3.json")))
+  written = json.load(open(os.path.join(model_dir, "eval", "asr_test_beam2_step3.json")))
   assert written == json.loads(json.dumps(payload))
-  lines = [json.loads(line) for line in open(os.path.join(model_dir, "eval", "asr_test_step3.jsonl"))]
+  lines = [json.loads(line) for line in open(os.path.join(model_dir, "eval", "asr_test_beam2_step3.jsonl"))]
   references = [json.loads(line)["text"] for line in open(os.path.join(corpus, "test.jsonl"))]
   assert sorted(r["reference"] for r in lines) == sorted(references) == sorted(set(references))
   words = sum(len(r.split()) for r in references)

@@ -4,9 +4,9 @@ r"""ASR evaluation launcher: restore a transducer, decode a split, score WER.
       --gin.MODEL_DIR="'runs/asr'" [--gin.asr_eval.beam_size=8]
 
 Decodes every utterance of `split` (greedy when beam_size is 1, else the fixed-shape beam
-search) and writes MODEL_DIR/eval/asr_<split>_step<N>.json (WER with its substitutions,
+search) and writes MODEL_DIR/eval/asr_<split>_beam<K>_step<N>.json (WER with its substitutions,
 deletions and insertions; B-WER / U-WER when the task carries per-utterance bias lists)
-and asr_<split>_step<N>.jsonl (id, reference, hypothesis per utterance).
+and the same name .jsonl (id, reference, hypothesis per utterance); K = 1 is greedy.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     biased = wer.biased_wer(refs, hyps, [r["bias"] for r in rows])
     payload.update({"b_wer": biased.b_wer, "u_wer": biased.u_wer})
   if jax.process_index() == 0:
-    base = os.path.join(model_dir, "eval", f"asr_{split}_step{step}")
+    base = os.path.join(model_dir, "eval", f"asr_{split}_beam{beam_size}_step{step}")
     write_json(base + ".json", payload)
     with open(base + ".jsonl.tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_train_step.py --output=results/bench_train_step.json
 	$(PY) scripts/bench_infini.py --output=results/bench_infini.json
 	$(PY) scripts/bench_rnnt.py --output=results/bench_rnnt.json
+	$(PY) scripts/bench_kmp.py --output=results/bench_kmp.json
 
 clean:
 	rm -rf $(VENV) runs results

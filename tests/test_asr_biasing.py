@@ -1,0 +1,218 @@
+"""KMP biasing in the ASR eval launcher: the biased decoder against the plain beam search, the
+anti-biasing lists against a naive word-run check, and asr_eval end to end on a tiny manifest
+corpus with a randomly initialized transducer (checkpoint written directly, no training),
+ending with scripts/kmp_table.py on the JSON it wrote."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile
+from flax import nnx
+
+from memlm_jax.decoding import kmp
+from memlm_jax.launch import asr_lib
+from memlm_jax.models.transducer import Transducer
+from memlm_jax.runtime.checkpoints import Checkpointer
+from scripts import kmp_table
+from tests import lm_runs
+
+TINY = ["ConformerEncoder.model_dim = 16", "ConformerEncoder.num_heads = 2", "ConformerEncoder.num_layers = 1",
+        "ConformerEncoder.conv_kernel = 5", "ConformerEncoder.dropout_rate = 0.0", "LstmPredictor.embed_dim = 8",
+        "LstmPredictor.hidden_dim = 8", "JointNetwork.joint_dim = 8", "SpecAugment.num_time_masks = 1"]
+HUGE_DELTA = 1000.0  # dwarfs any log-prob of a random model: the search follows the phrases
+
+
+def _contains(tokens, phrase) -> bool:
+  """Naive: phrase (list of ids) is a contiguous run of tokens."""
+  return any(list(tokens[i:i + len(phrase)]) == list(phrase) for i in range(len(tokens) - len(phrase) + 1))
+
+
+def _word_run(phrase: str, text: str) -> bool:
+  """Naive: the words of phrase occur consecutively in text."""
+  p, t = phrase.split(), text.split()
+  return any(t[i:i + len(p)] == p for i in range(len(t) - len(p) + 1))
+
+
+# ----------------------------------------------------------------------------- settings and names
+
+
+def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own_file_name():
+  required = dict(model=None, task_name="t", vocabulary=None, max_audio_samples=1, max_target_length=1)
+  for bad, match in ((dict(biasing_mode="deep"), "biasing_mode must be one of"),
+                     (dict(bias_lists="others"), "bias_lists must be one of"),
+                     (dict(biasing_delta=-1.0), "biasing_delta must be"),
+                     (dict(biasing_delta=1.0, biasing_mode="rescore", biasing_top_k=4), "biasing_top_k=4 needs"),
+                     (dict(biasing_delta=1.0, max_phrases=0), "max_phrases must be >= 1")):
+    with pytest.raises(ValueError, match=match):
+      asr_lib.asr_eval("/nonexistent/model_dir", **required, **bad)
+  with pytest.raises(ValueError, match="biasing_mode must be one of"):
+    asr_lib.make_biased_decoder(None, beam_size=2, max_symbols_per_frame=2, max_output_length=4, mode="deep")
+
+  settings = [asr_lib.KmpBiasing(delta, mode, top_k, lists)
+              for delta in (0.5, 1.0, 2.0, 4.0) for lists in asr_lib.BIAS_LISTS
+              for mode, top_k in (("shallow", None), ("shallow", 8), ("rescore", None))]
+  names = [s.name for s in settings]
+  assert len(set(names)) == len(names) and "" not in names
+  assert asr_lib.KmpBiasing(0.5).name == "_kmp0.5shallow"
+  assert asr_lib.KmpBiasing(0.0, "rescore", bias_lists="anti").name == ""  # off: the unbiased file
+
+
+# ----------------------------------------------------------------------------- anti-biasing lists
+
+
+def test_anti_lists_hold_only_other_utterances_phrases_absent_from_the_transcript_and_are_deterministic():
+  rng = np.random.default_rng()
+  words = [f"w{i}" for i in range(12)]
+  phrases = sorted({" ".join(rng.choice(words, size=rng.integers(1, 3))) for _ in range(30)})
+  count = 25
+  ids = [f"utt{i}" for i in rng.permutation(1000)[:count]]
+  texts = [" ".join(rng.choice(words, size=rng.integers(2, 8))) for _ in range(count)]
+  lists = [list(rng.choice(phrases, size=rng.integers(0, 5), replace=False)) for _ in range(count)]
+  anti = asr_lib.anti_bias_lists(ids, texts, lists, seed=3)
+
+  for u in range(count):
+    others = {p for v in range(count) if v != u for p in lists[v]}
+    allowed = {p for p in others if not _word_run(p, texts[u])}
+    assert set(anti[u]) <= allowed and len(set(anti[u])) == len(anti[u])
+    assert len(anti[u]) == min(len(set(lists[u])), len(allowed))
+  assert any(anti)  # the draw is not vacuous
+  # Same lists whatever the order of the utterances, and on every call.
+  order = rng.permutation(count)
+  shuffled = asr_lib.anti_bias_lists([ids[i] for i in order], [texts[i] for i in order],
+                                     [lists[i] for i in order], seed=3)
+  assert [shuffled[list(order).index(u)] for u in range(count)] == anti
+  assert asr_lib.anti_bias_lists(ids, texts, lists, seed=3) == anti
+  with pytest.raises(ValueError, match="distinct utterance ids"):
+    asr_lib.anti_bias_lists(["a", "a"], ["x", "y"], [["p"], ["q"]])
+
+
+# ----------------------------------------------------------------------------- the biased decoder
+
+
+@pytest.fixture(scope="module")
+def random_transducer():
+  vocab_size = 24
+  lm_runs.parse(["models/transducer.gin"], TINY + [f"VOCAB_SIZE = {vocab_size}"])
+  with nnx.use_eager_sharding(False):
+    model = Transducer(rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  sizes = dict(beam_size=3, max_symbols_per_frame=3, max_output_length=12)
+  plain = asr_lib.make_decoder(graphdef, **sizes)
+  return graphdef, params, vocab_size, sizes, plain
+
+
+@pytest.mark.parametrize("mode,top_k", [("shallow", None), ("shallow", 4), ("rescore", None)])
+def test_delta_zero_is_the_plain_beam_search_and_a_huge_shallow_bonus_spells_an_own_phrase(random_transducer, mode,
+                                                                                          top_k):
+  graphdef, params, vocab_size, sizes, plain = random_transducer
+  rng = np.random.default_rng()
+  batch = 3
+  audio = jnp.asarray(rng.normal(scale=0.1, size=(batch, 4000)), jnp.float32)
+  paddings = jnp.zeros_like(audio).at[2, 2500:].set(1.0)
+  # Two phrases of 3 distinct tokens per utterance, no token shared between utterances.
+  tokens = rng.permutation(np.arange(1, vocab_size))[:batch * 6].reshape(batch, 2, 3)
+  table = kmp.make_batched_phrase_table(tokens.tolist(), vocab_size, max_phrases=4, max_phrase_length=5,
+                                        chain_width=5)
+  biased = asr_lib.make_biased_decoder(graphdef, mode=mode, top_k=top_k, **sizes)
+
+  want = plain(params, audio, paddings)
+  got = biased(params, audio, paddings, table, 0.0)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+  out, lengths = map(np.asarray, biased(params, audio, paddings, table, HUGE_DELTA))
+  spells = lambda u, o, n, lists: any(_contains(o[u, :n[u]], p) for p in lists[u])  # noqa: E731
+  plain_out, plain_lengths = map(np.asarray, want)
+  own_hits = sum(spells(u, out, lengths, tokens) for u in range(batch))
+  assert own_hits >= sum(spells(u, plain_out, plain_lengths, tokens) for u in range(batch))
+  if mode == "shallow" and top_k is None:
+    # The bonus reaches every label, so each utterance spells one of its own phrases (the lists
+    # share no token, so this also shows row u of the table biases utterance u).
+    assert own_hits == batch
+
+
+# ----------------------------------------------------------------------------- asr_eval end to end
+
+NAMES = ["zix vup", "qod fam", "kel zor", "mib tas", "yun pol", "wex rud", "jaf lob", "tep gos"]
+TEMPLATES = ["call {} now", "ask {} to go", "i saw {}", "{} is here"]
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+  """A 6-utterance manifest (noise audio, byte vocabulary, each utterance naming one of NAMES with
+  a 2-phrase bias list), a random transducer checkpoint at step 7, and the gin (files, bindings)
+  to parse in the test (conftest clears gin around every test)."""
+  root = tmp_path_factory.mktemp("biasing")
+  rng = np.random.default_rng()
+  os.makedirs(root / "audio")
+  spoken = rng.permutation(len(NAMES))[:6]
+  with open(root / "test.jsonl", "w") as f:
+    for i, name_index in enumerate(spoken):
+      name = NAMES[name_index]
+      distractor = NAMES[rng.choice([j for j in range(len(NAMES)) if j != name_index])]
+      soundfile.write(root / "audio" / f"{i}.wav", rng.uniform(-0.3, 0.3, size=int(rng.integers(5000, 8000))),
+                      16000, subtype="PCM_16")
+      f.write(json.dumps({"audio": f"audio/{i}.wav", "text": TEMPLATES[i % 4].format(name), "id": f"u{i}",
+                          "bias": [name, distractor]}) + "\n")
+  manifest = f"'{root}/test.jsonl'"
+  model_dir = str(root / "model")
+  config = (["runs/asr_eval.gin", "tiny/transducer_synthetic.gin"], TINY + [
+      f"TRAIN_MANIFEST = {manifest}", f"DEV_MANIFEST = {manifest}", f"TEST_MANIFEST = {manifest}",
+      "SPEECH_VOCABULARY = @byte_vocabulary()", "VOCAB_SIZE = 259", "SEQUENCE_LENGTH = 8000",
+      "TARGETS_LENGTH = 24", "EVAL_BATCH_SIZE = 8", "asr_eval.beam_size = 2", "asr_eval.max_phrases = 4",
+      "asr_eval.max_phrase_length = 8"])
+  lm_runs.parse(*config)
+  with nnx.use_eager_sharding(False):
+    params = nnx.state(Transducer(rngs=nnx.Rngs(1)), nnx.Param).to_pure_dict()
+  ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"))
+  ckpt.save(7, {"params": params}, force=True)
+  ckpt.close()
+  return root, model_dir, config
+
+
+def _results(model_dir, name):
+  base = os.path.join(model_dir, "eval", f"asr_test_beam2{name}_step7")
+  return json.load(open(base + ".json")), [json.loads(line) for line in open(base + ".jsonl")]
+
+
+def test_asr_eval_boosts_own_or_anti_lists_names_each_run_apart_and_the_table_reads_them(eval_setup):
+  root, model_dir, config = eval_setup
+  lm_runs.parse(*config)
+  references = {json.loads(line)["id"]: json.loads(line) for line in open(root / "test.jsonl")}
+  asr_lib.asr_eval(model_dir)
+  asr_lib.asr_eval(model_dir, biasing_delta=HUGE_DELTA)
+  asr_lib.asr_eval(model_dir, biasing_delta=HUGE_DELTA, bias_lists="anti")
+
+  plain, plain_rows = _results(model_dir, "")
+  own, own_rows = _results(model_dir, "_kmp1000shallow")
+  anti, anti_rows = _results(model_dir, "_kmp1000shallow_anti")
+  assert plain["biasing_delta"] == 0.0 and plain["bias_lists"] is None
+  assert (own["biasing_delta"], own["biasing_mode"], own["biasing_top_k"], own["bias_lists"]) == (
+      HUGE_DELTA, "shallow", None, "utterance")
+  assert anti["bias_lists"] == "anti"
+  for payload in (plain, own, anti):
+    assert payload["utterances"] == len(references) and {"b_wer", "u_wer"} <= set(payload)
+
+  # Every utterance's hypothesis spells a phrase of the list it was biased with: its own list,
+  # or its anti list, which never holds a phrase of its transcript and comes from the others' lists.
+  for row in own_rows:
+    assert any(p in row["hypothesis"] for p in references[row["id"]]["bias"]), row
+  for row in anti_rows:
+    reference = references[row["id"]]
+    others = {p for r in references.values() if r["id"] != row["id"] for p in r["bias"]}
+    assert row["bias"] == reference["bias"] and len(row["biasing_phrases"]) == 2
+    assert set(row["biasing_phrases"]) <= others
+    assert not any(_word_run(p, reference["text"]) for p in row["biasing_phrases"])
+    assert any(p in row["hypothesis"] for p in row["biasing_phrases"]), row
+  assert sum(any(p in r["hypothesis"] for p in r["bias"]) for r in plain_rows) < len(plain_rows)
+
+  # The table: one row per setting, both list kinds, values from the JSON in %.
+  rows = kmp_table.table_rows(kmp_table.load_results(os.path.join(model_dir, "eval"), "test", 2))
+  assert [r[0] for r in rows] == ["no biasing", "KMP shallow, delta=1000"]
+  assert rows[0][1:4] == rows[0][4:] == [f"{100 * plain[m]:.2f}" for m in kmp_table.METRICS]
+  assert rows[1][1:] == [f"{100 * p[m]:.2f}" for p in (own, anti) for m in kmp_table.METRICS]
+  assert kmp_table.main([os.path.join(model_dir, "eval"), "--beam_size=2"]) == 0
+  assert kmp_table.main([os.path.join(model_dir, "eval"), "--beam_size=3"]) == 1

@@ -14,5 +14,10 @@ from memlm_jax import registry  # noqa: F401  (every gin configurable, launchers
 from memlm_jax.launch import eval_lib
 
 
+def print_scalars(metrics: dict) -> None:
+  """One JSON line of the scalar results; per-example lists stay in the written JSON file."""
+  print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
+
+
 if __name__ == "__main__":
-  gin_utils.run_launcher(eval_lib.run_eval, on_result=lambda metrics: print(json.dumps(metrics)))
+  gin_utils.run_launcher(eval_lib.run_eval, on_result=print_scalars)

@@ -226,7 +226,8 @@ def _rows(batches):
   """Non-padding rows of batches as (audio, targets, text) with the padding checked against the lengths."""
   rows = []
   for batch in batches:
-    assert set(batch) == {"audio", "audio_paddings", "targets", "target_paddings", "text"}
+    assert {"audio", "audio_paddings", "targets", "target_paddings", "text"} <= set(batch) <= {
+        "audio", "audio_paddings", "targets", "target_paddings", "text", "id", "bias"}
     for i in range(batch["audio"].shape[0]):
       n_audio = int(np.sum(batch["audio_paddings"][i] == 0))
       n_targets = int(np.sum(batch["target_paddings"][i] == 0))
@@ -253,6 +254,9 @@ def test_manifest_task_batches_hold_the_audio_and_the_encoded_transcripts(corpus
     assert batch["targets"].dtype == np.int32
   rows = _rows(batches)
   assert len(rows) == len(lines)
+  ids = [i.decode() for b in batches for i in b["id"] if i]
+  biases = [[p.decode() for p in row if p] for b in batches for row, i in zip(b["bias"], b["id"]) if i]
+  assert ids == [line["id"] for line in lines] and biases == [line["bias"] for line in lines]
   for (audio, targets, text), line in zip(rows, lines):
     np.testing.assert_array_equal(audio, _reference_audio(corpus, line))
     assert text == line["text"]

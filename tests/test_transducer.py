@@ -136,7 +136,7 @@ def test_greedy_decoder_is_beam_one():
   encoder_out, encoder_paddings = model.encode(audio, paddings)
   from memlm_jax.decoding.transducer_beam import beam_search  # pylint: disable=g-import-not-at-top
   best = beam_search(model.decoding_fns(), encoder_out, encoder_paddings, beam_size=1, max_symbols_per_frame=3,
-                     max_output_length=10)
+                     max_output_length=10, method="one_pass")
   np.testing.assert_array_equal(tokens, best.tokens[:, 0])
   np.testing.assert_array_equal(lengths, best.lengths[:, 0])
   with pytest.raises(ValueError, match="beam_size must be >= 1"):

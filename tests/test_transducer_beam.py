@@ -1,4 +1,5 @@
-"""Transducer greedy decoding and beam search against naive loops and brute-force enumeration."""
+"""Transducer greedy decoding and both beam searches ('tsd', 'one_pass') against naive loops,
+a naive time-synchronous search and brute-force enumeration."""
 
 import functools
 import itertools
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlm_jax.decoding.transducer_beam import (BeamResult, ScoreFusion, TransducerFns, beam_search,
-                                                greedy_decode)
+from memlm_jax.decoding.transducer_beam import (BEAM_METHODS, BeamResult, ScoreFusion, TransducerFns,
+                                                beam_search, greedy_decode)
 
 # Tiny models.
 
@@ -118,8 +119,8 @@ def jit_greedy(fns, **kwargs):
 # Compiled once per setting and shared between tests (compiling dominates the test time).
 greedy_of = functools.cache(lambda seed, max_symbols, max_len: jit_greedy(
     rnn_model(seed), max_symbols_per_frame=max_symbols, max_output_length=max_len))
-beam_of = functools.cache(lambda seed, beam, max_symbols, max_len: jit_beam(
-    rnn_model(seed), beam_size=beam, max_symbols_per_frame=max_symbols, max_output_length=max_len))
+beam_of = functools.cache(lambda seed, beam, max_symbols, max_len, method="tsd": jit_beam(
+    rnn_model(seed), beam_size=beam, max_symbols_per_frame=max_symbols, max_output_length=max_len, method=method))
 
 # (model seed, max_symbols_per_frame, max_output_length) of the greedy / beam-1 comparisons.
 GREEDY_CASES = [(1, 1, 12), (2, 3, 4), (3, 2, 12)]
@@ -155,6 +156,42 @@ def path_log_prob(fns, enc, frames, labels_per_frame):
   return lp
 
 
+def blank_log_prob(fns, enc_frame, labels):
+  """log P(blank | labels so far, encoder frame enc_frame [enc_dim]) of one hypothesis."""
+  pred_out, state = fns.predictor_step(fns.predictor_init(1), jnp.zeros((1,), jnp.int32))
+  for y in labels:
+    pred_out, state = fns.predictor_step(state, jnp.asarray([y], jnp.int32))
+  return log_softmax(fns.joint(enc_frame[None], pred_out)[0])[0]
+
+
+def naive_tsd(fns, enc, frames, beam, max_symbols, max_len):
+  """Time-synchronous decoding of one utterance with Python dicts {labels: (score, pred_out, state)}:
+  per frame, `ended` (closed with blank) and `active` (still emitting) hold `beam` hypotheses each."""
+  pred_out, state = fns.predictor_step(fns.predictor_init(1), jnp.zeros((1,), jnp.int32))
+  hyps = {(): (0.0, pred_out, state)}
+  for t in range(frames):
+    active, ended = hyps, {}
+    for step in range(max_symbols + 1):
+      if not active:
+        break
+      logp = {y: log_softmax(fns.joint(enc[None, t], out)[0]) for y, (_, out, _) in active.items()}
+      for y, (score, out, st) in active.items():
+        old = ended.get(y, (-np.inf,))[0]
+        ended[y] = (np.logaddexp(old, score + logp[y][0]), out, st)  # equal labels, equal state
+      ended = dict(sorted(ended.items(), key=lambda item: -item[1][0])[:beam])
+      worst_ended = min(v[0] for v in ended.values()) if len(ended) == beam else -np.inf
+      children = sorted(((score + logp[y][label], y, label) for y, (score, _, _) in active.items()
+                         if step < max_symbols and len(y) < max_len for label in range(1, len(logp[y]))),
+                        reverse=True)[:beam]
+      parents, active = active, {}
+      for score, y, label in children:
+        if score >= worst_ended:  # below it, no extension can enter `ended`
+          out, st = fns.predictor_step(parents[y][2], jnp.asarray([label], jnp.int32))
+          active[y + (label,)] = (score, out, st)
+    hyps = ended
+  return {y: v[0] for y, v in hyps.items()}
+
+
 # Greedy decoding.
 
 
@@ -176,17 +213,21 @@ def test_greedy_matches_naive_loop(seed, max_symbols, max_len):
 # Beam search: exactness against brute force.
 
 
+@pytest.mark.parametrize("method", BEAM_METHODS)
 @pytest.mark.parametrize("frames,max_symbols,vocab,max_len", [(3, 2, 3, 6), (2, 3, 3, 4), (3, 1, 4, 2)])
-def test_unbounded_beam_equals_brute_force(frames, max_symbols, vocab, max_len):
+def test_unbounded_beam_equals_brute_force(frames, max_symbols, vocab, max_len, method):
   """With a beam wider than the search space every label sequence survives with its exact
-  log-sum over alignments (hypotheses are merged, so no sequence appears twice)."""
+  log-sum over alignments (hypotheses are merged, so no sequence appears twice). 'tsd' needs
+  one slot per sequence and a spare one (a full B prunes the active hypotheses below it, which
+  can drop alignments of sequences B holds); 'one_pass' shares its slots between ended and
+  active hypotheses."""
   rng = np.random.default_rng(frames * 100 + max_symbols * 10 + vocab)
   table = rng.normal(size=(frames, (max_len + 1) * vocab, vocab)) * 1.5
   fns, enc = table_model(table, max_count=max_len)
   expected, _ = brute_force(table, max_len, max_symbols, max_len)
-  beam = 2 * len(expected)  # done + still-active hypotheses of a frame
-  result = jit_beam(fns, beam_size=beam, max_symbols_per_frame=max_symbols, max_output_length=max_len)(
-      enc, jnp.zeros(enc.shape[:2]))
+  beam = len(expected) + 1 if method == "tsd" else 2 * len(expected)
+  result = jit_beam(fns, beam_size=beam, max_symbols_per_frame=max_symbols, max_output_length=max_len,
+                    method=method)(enc, jnp.zeros(enc.shape[:2]))
   found = hypotheses(result)
   assert set(found) == set(expected)
   for labels, score in found.items():
@@ -195,7 +236,8 @@ def test_unbounded_beam_equals_brute_force(frames, max_symbols, vocab, max_len):
   assert np.all(np.diff(scores[np.isfinite(scores)]) <= 0)
 
 
-def test_small_beam_finds_planted_best_path():
+@pytest.mark.parametrize("method", BEAM_METHODS)
+def test_small_beam_finds_planted_best_path(method):
   frames, max_symbols, vocab, max_len = 4, 2, 3, 8
   rng = np.random.default_rng(3)
   table = rng.normal(size=(frames, (max_len + 1) * vocab, vocab))
@@ -211,32 +253,133 @@ def test_small_beam_finds_planted_best_path():
   total, best_alignment = brute_force(table, max_len, max_symbols, max_len)
   target = max(total, key=total.get)
   assert target == sum(plan, ())
-  result = jit_beam(fns, beam_size=3, max_symbols_per_frame=max_symbols, max_output_length=max_len)(
-      enc, jnp.zeros(enc.shape[:2]))
+  result = jit_beam(fns, beam_size=3, max_symbols_per_frame=max_symbols, max_output_length=max_len,
+                    method=method)(enc, jnp.zeros(enc.shape[:2]))
   top = tuple(int(t) for t in result.tokens[0, 0, :int(result.lengths[0, 0])])
   assert top == target
   # A pruned beam keeps a subset of the alignments: between the best one and the full sum.
   assert best_alignment[target] - 1e-4 <= float(result.scores[0, 0]) <= total[target] + 1e-4
 
 
+# Beam search 'tsd': against a naive search, and what it guarantees that 'one_pass' does not.
+
+
+@pytest.mark.parametrize("seed,beam,max_symbols,max_len", [(5, 3, 2, 9), (6, 2, 3, 5), (11, 1, 2, 12)])
+def test_tsd_matches_naive_search(seed, beam, max_symbols, max_len):
+  """Same hypotheses and scores as the dict-based search (pruning, merging, padding, length cap)."""
+  lengths = [6, 4, 5]
+  enc, paddings = random_inputs(seed + 30, batch=3, frames=6, lengths=lengths)
+  result = beam_of(seed, beam, max_symbols, max_len)(enc, paddings)
+  many_labels = False
+  for row, frames in enumerate(lengths):
+    expected = naive_tsd(rnn_model(seed), enc[row], frames, beam, max_symbols, max_len)
+    found = hypotheses(result, row)
+    assert set(found) == set(expected)
+    for labels, score in found.items():
+      np.testing.assert_allclose(score, expected[labels], rtol=1e-5, atol=1e-5, err_msg=str(labels))
+    many_labels |= max(len(y) for y in found) > 2
+  assert many_labels
+
+
+def multi_label_frame_model():
+  """Two frames, 3 labels, max 3 per frame. The best output (1, 2, 3) is emitted in frame 0,
+  where its partial 1 -> 2 falls below both the ended empty hypothesis and the active 1 -> 3
+  (which then ends badly); frame 1 strongly favours hypotheses that already hold 1, 2, 3."""
+  vocab, max_len, tiny = 4, 4, 1e-4
+  table = np.full((2, (max_len + 1) * vocab, vocab), np.log(0.25))
+  table[1] = np.log([0.1, 0.3, 0.3, 0.3])
+
+  def probs(frame, labels, p):  # [blank, 1, 2, 3] after `labels` in `frame`
+    table[frame, context_index(labels[-1] if labels else 0, len(labels), vocab, max_len)] = np.log(p)
+
+  probs(0, (), [0.31, 0.40, 0.29, tiny])
+  probs(0, (1,), [0.05, tiny, 0.40, 0.55])
+  probs(0, (2,), [0.5, 0.25, 0.25, tiny])
+  probs(0, (1, 3), [0.01, 0.5, 0.49, tiny])
+  probs(0, (1, 2), [0.04, tiny, tiny, 0.95])
+  probs(0, (1, 2, 3), [0.99, tiny, tiny, tiny])
+  probs(0, (1, 3, 1), [0.5, tiny, tiny, tiny])
+  probs(1, (1, 2, 3), [0.99, tiny, tiny, tiny])
+  return table, max_len
+
+
+def test_tsd_keeps_a_frame_that_needs_three_labels():
+  table, max_len = multi_label_frame_model()
+  fns, enc = table_model(table, max_count=max_len)
+  total, best_alignment = brute_force(table, max_len, 3, max_len)
+  target = max(total, key=total.get)
+  assert len(target) == 3
+  kwargs = dict(beam_size=2, max_symbols_per_frame=3, max_output_length=max_len)
+  tsd = jit_beam(fns, **kwargs)(enc, jnp.zeros((1, 2)))
+  one_pass = jit_beam(fns, method="one_pass", **kwargs)(enc, jnp.zeros((1, 2)))
+  greedy = jit_beam(fns, method="one_pass", **{**kwargs, "beam_size": 1})(enc, jnp.zeros((1, 2)))
+  tsd_best = hypotheses(tsd)
+  assert max(tsd_best, key=tsd_best.get) == target
+  assert best_alignment[target] - 1e-4 <= float(tsd.scores[0, 0]) <= total[target] + 1e-4
+  # one_pass prunes the partial path in frame 0 and ends below greedy decoding (the reported bug).
+  assert target not in hypotheses(one_pass)
+  assert float(one_pass.scores[0, 0]) < float(greedy.scores[0, 0]) < float(tsd.scores[0, 0])
+
+
+def test_tsd_never_drops_an_ended_hypothesis():
+  """An ended hypothesis only leaves B for a better one, so after frame t the best score is at
+  least that of every hypothesis of the beam after frame t - 1 closed with a blank in frame t.
+  'one_pass' does not guarantee it: active hypotheses can evict ended ones and then end worse.
+
+  (The best score is not always >= the greedy path's: a beam can prefer, in one frame, a
+  stopping point that later frames punish (beam 1 included), and with beam >= 2 the greedy
+  label chain can be pushed out of the active set by label extensions of other hypotheses.)"""
+  utterances, frames = 4, 5
+  fns = rnn_model(seed=0, blank_bias=0.0)
+  enc, _ = random_inputs(seed=7, batch=utterances, frames=frames)
+  # Row u * frames + t decodes the first t + 1 frames of utterance u.
+  prefixes = jnp.repeat(enc, frames, axis=0)
+  paddings = np.tile(np.arange(frames)[None, :] > np.arange(frames)[:, None], (utterances, 1))
+  violations = {}
+  for method in BEAM_METHODS:
+    result = jit_beam(fns, beam_size=2, max_symbols_per_frame=2, max_output_length=12, method=method)(
+        prefixes, jnp.asarray(paddings, jnp.float32))
+    violations[method] = []
+    for u, t in itertools.product(range(utterances), range(1, frames)):
+      row = u * frames + t
+      closed = [score + blank_log_prob(fns, enc[u, t], labels) for labels, score in hypotheses(result, row - 1).items()]
+      if float(result.scores[row, 0]) < max(closed) - 1e-5:
+        violations[method].append((u, t))
+  assert not violations["tsd"]
+  assert violations["one_pass"]
+
+
+def test_tsd_beam_one_in_one_frame_is_at_least_greedy():
+  """In one frame beam 1 keeps the best stopping point along greedy's label chain (greedy stops
+  at the first point where blank wins), so its score is >= greedy's. Over several frames this
+  does not hold (see test_tsd_never_drops_an_ended_hypothesis)."""
+  seed = 3
+  enc, paddings = random_inputs(seed + 50, batch=48, frames=1)
+  greedy = beam_of(seed, 1, 3, 8, "one_pass")(enc, paddings)
+  tsd = beam_of(seed, 1, 3, 8)(enc, paddings)
+  assert np.all(np.asarray(tsd.scores[:, 0]) >= np.asarray(greedy.scores[:, 0]) - 1e-5)
+  assert np.any(np.asarray(tsd.scores[:, 0]) > np.asarray(greedy.scores[:, 0]) + 1e-3)  # not always the same
+
+
 # Beam search: against greedy and itself.
 
 
 @pytest.mark.parametrize("seed,max_symbols,max_len", GREEDY_CASES)
-def test_beam_one_equals_greedy(seed, max_symbols, max_len):
+def test_one_pass_beam_one_equals_greedy(seed, max_symbols, max_len):
   enc, paddings = random_inputs(seed, batch=4, frames=6, lengths=GREEDY_LENGTHS)
   tokens, lengths = greedy_of(seed, max_symbols, max_len)(enc, paddings)
-  result = beam_of(seed, 1, max_symbols, max_len)(enc, paddings)
+  result = beam_of(seed, 1, max_symbols, max_len, "one_pass")(enc, paddings)
   assert int(lengths.max()) > 2
   np.testing.assert_array_equal(result.tokens[:, 0], tokens)
   np.testing.assert_array_equal(result.lengths[:, 0], lengths)
 
 
-def test_batched_equals_per_utterance():
+@pytest.mark.parametrize("method", BEAM_METHODS)
+def test_batched_equals_per_utterance(method):
   lengths = [5, 3, 3]  # frames 5, 6 are padding in every row
   enc, paddings = random_inputs(seed=11, batch=3, frames=7, lengths=lengths)
   enc = jnp.where(paddings[..., None] > 0, jnp.nan, enc)  # padded frames must not be read
-  search = beam_of(5, 4, 2, 9)
+  search = beam_of(5, 4, 2, 9, method)
   batched = search(enc, paddings)
   scores = np.asarray(batched.scores)
   assert not np.isnan(scores).any() and np.isfinite(scores[:, 0]).all()
@@ -279,8 +422,9 @@ def constant_fusion(vocab, token_bonus, final_weight=0.0, mode="shallow", booste
                      mode=mode)
 
 
+@pytest.mark.parametrize("method", BEAM_METHODS)
 @pytest.mark.parametrize("mode", ["shallow", "rescore"])
-def test_fusion_unbounded_beam_equals_brute_force(mode):
+def test_fusion_unbounded_beam_equals_brute_force(mode, method):
   frames, max_symbols, vocab, max_len = 3, 2, 3, 6
   rng = np.random.default_rng(21)
   table = rng.normal(size=(frames, (max_len + 1) * vocab, vocab))
@@ -290,19 +434,20 @@ def test_fusion_unbounded_beam_equals_brute_force(mode):
   expected, _ = brute_force(table, max_len, max_symbols, max_len,
                             path_bonus=lambda y: sum(bonus[t] for t in y) + 0.25 * y.count(2))
   result = jit_beam(fns, beam_size=2 * len(expected), max_symbols_per_frame=max_symbols,
-                    max_output_length=max_len, fusion=fusion)(enc, jnp.zeros(enc.shape[:2]))
+                    max_output_length=max_len, fusion=fusion, method=method)(enc, jnp.zeros(enc.shape[:2]))
   found = hypotheses(result)
   assert set(found) == set(expected)
   for labels, score in found.items():
     np.testing.assert_allclose(score, expected[labels], atol=1e-4, err_msg=str(labels))
 
 
+@pytest.mark.parametrize("method", BEAM_METHODS)
 @pytest.mark.parametrize("mode", ["shallow", "rescore"])
-def test_zero_fusion_is_no_fusion(mode):
+def test_zero_fusion_is_no_fusion(mode, method):
   fns = rnn_model(seed=8)
   enc, paddings = random_inputs(seed=4, batch=2, frames=6, lengths=[6, 4])
-  kwargs = dict(beam_size=4, max_symbols_per_frame=2, max_output_length=8)
-  plain = beam_of(8, 4, 2, 8)(enc, paddings)
+  kwargs = dict(beam_size=4, max_symbols_per_frame=2, max_output_length=8, method=method)
+  plain = beam_of(8, 4, 2, 8, method)(enc, paddings)
   fused = jit_beam(fns, fusion=constant_fusion(5, np.zeros(5), mode=mode),
                    fusion_top_k=2 if mode == "shallow" else None, **kwargs)(enc, paddings)
   for a, b in zip(plain, fused):
@@ -310,15 +455,15 @@ def test_zero_fusion_is_no_fusion(mode):
 
 
 def test_constant_bonus_shallow_vs_rescore():
-  """Beam 1: shallow fusion re-ranks before pruning (greedy on boosted log-probs); rescore
-  prunes on the model (greedy tokens) and only adds the bonus to what it kept."""
+  """'one_pass' beam 1: shallow fusion re-ranks before pruning (greedy on boosted log-probs);
+  rescore prunes on the model (greedy tokens) and only adds the bonus to what it kept."""
   seed, max_symbols, max_len = GREEDY_CASES[2]
   vocab, boosted, bonus_value = 5, 2, 3.0
   fns = rnn_model(seed)
   enc, paddings = random_inputs(seed, batch=4, frames=6, lengths=GREEDY_LENGTHS)
   bonus = np.zeros(vocab)
   bonus[boosted] = bonus_value
-  kwargs = dict(beam_size=1, max_symbols_per_frame=max_symbols, max_output_length=max_len)
+  kwargs = dict(beam_size=1, max_symbols_per_frame=max_symbols, max_output_length=max_len, method="one_pass")
 
   boosted_joint = lambda e, p: jax.nn.log_softmax(fns.joint(e, p), axis=-1) + jnp.asarray(bonus, jnp.float32)
   boosted_fns = TransducerFns(fns.predictor_init, fns.predictor_step, boosted_joint)
@@ -334,7 +479,7 @@ def test_constant_bonus_shallow_vs_rescore():
   assert (np.asarray(shallow.tokens) == boosted).sum() > (np.asarray(rescore.tokens) == boosted).sum()
 
   # Rescore score = model log-prob of the greedy alignment + bonus per boosted token.
-  plain = beam_of(seed, 1, max_symbols, max_len)(enc, paddings)
+  plain = beam_of(seed, 1, max_symbols, max_len, "one_pass")(enc, paddings)
   count = (np.asarray(plain_tokens) == boosted).sum(axis=1)
   np.testing.assert_allclose(rescore.scores[:, 0], np.asarray(plain.scores[:, 0]) + bonus_value * count,
                              rtol=1e-5)
@@ -347,6 +492,7 @@ def test_constant_bonus_shallow_vs_rescore():
 
 
 def test_fusion_top_k_restricts_bonus():
+  """'one_pass' beam 1 with top-k shallow fusion is greedy decoding on the top-k-boosted model."""
   seed, max_symbols, max_len = GREEDY_CASES[2]
   vocab, boosted = 5, 3
   fns = rnn_model(seed)
@@ -354,7 +500,7 @@ def test_fusion_top_k_restricts_bonus():
   bonus = np.zeros(vocab)
   bonus[boosted] = 2.5
   fusion = constant_fusion(vocab, bonus, mode="shallow", boosted=boosted)
-  kwargs = dict(max_symbols_per_frame=max_symbols, max_output_length=max_len, fusion=fusion)
+  kwargs = dict(max_symbols_per_frame=max_symbols, max_output_length=max_len, fusion=fusion, method="one_pass")
 
   # top-1: the bonus applies only where the boosted token is the best non-blank label.
   def top1_joint(e, p):
@@ -376,8 +522,9 @@ def test_fusion_top_k_restricts_bonus():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("method", BEAM_METHODS)
 @pytest.mark.parametrize("mode", ["shallow", "rescore"])
-def test_fusion_state_follows_parent(mode):
+def test_fusion_state_follows_parent(mode, method):
   """The fusion state hashes the emitted labels; its final bonus must match each output."""
   vocab, modulus, weight = 5, 101, 1e-3
   fns = rnn_model(seed=8)
@@ -392,9 +539,9 @@ def test_fusion_state_follows_parent(mode):
                        advance=advance,
                        final_bonus=lambda state: weight * state[0] + 10.0 * state[1],
                        mode=mode)
-  plain = beam_of(8, 4, 2, 8)(enc, paddings)
+  plain = beam_of(8, 4, 2, 8, method)(enc, paddings)
   fused = jit_beam(fns, fusion=fusion, beam_size=4, max_symbols_per_frame=2,
-                   max_output_length=8)(enc, paddings)
+                   max_output_length=8, method=method)(enc, paddings)
 
   def label_hash(labels):
     h = 0
@@ -418,6 +565,8 @@ def test_bad_arguments_raise():
   enc, paddings = random_inputs(seed=0, batch=2, frames=3)
   with pytest.raises(ValueError, match="beam_size"):
     beam_search(fns, enc, paddings, beam_size=0, max_output_length=4)
+  with pytest.raises(ValueError, match="method must be one of"):
+    beam_search(fns, enc, paddings, beam_size=2, max_output_length=4, method="onepass")
   with pytest.raises(ValueError, match="encoder_paddings"):
     beam_search(fns, enc, paddings[:, :2], beam_size=2, max_output_length=4)
   with pytest.raises(ValueError, match="max_symbols_per_frame"):

@@ -41,14 +41,13 @@ def write_corpus(output_dir: str, *, train_docs: int = 2000, validation_docs: in
   return paths
 
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for train.txt and validation.txt.", required=True)
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-
-
 def main(argv):
   del argv
-  print(write_corpus(_OUTPUT_DIR.value, seed=_SEED.value))
+  print(write_corpus(flags.FLAGS.output_dir, seed=flags.FLAGS.seed))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: this module is a library too, and absl flags are global.
+  flags.DEFINE_string("output_dir", None, "Directory for train.txt and validation.txt.", required=True)
+  flags.DEFINE_integer("seed", 0, "Random seed.")
   app.run(main)

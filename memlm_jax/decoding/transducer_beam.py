@@ -5,26 +5,45 @@ label at a time and a joint network over one encoder frame. Everything here is s
 shape: one `lax.scan` over frames and, inside a frame, a `lax.while_loop` of at most
 `max_symbols_per_frame + 1` expansion steps, so it compiles once per input shape.
 
-Search space (shared by greedy and beam search). In every frame a hypothesis emits up to
-`max_symbols_per_frame` labels and then a blank that moves it to the next frame; after
+Search space (shared by greedy and both beam searches). In every frame a hypothesis emits
+up to `max_symbols_per_frame` labels and then a blank that moves it to the next frame; after
 that many labels (or once it holds `max_output_length` labels) the only allowed extension
 is blank. Scores are exact path log-probabilities of such alignments (the blank that
 closes a frame is always counted). Padded frames emit nothing.
 
-Beam search ("one-pass time-synchronous", chosen so that beam 1 is exactly greedy):
-within a frame every hypothesis is either *active* (has emitted s labels in this frame
-at step s, may still emit) or *done* (has emitted its blank for the frame). Each step
-scores, for the whole beam at once,
-  * done hypothesis    -> itself, unchanged (it waits for the next frame),
-  * active hypothesis  -> + blank (becomes done) or + label (stays active),
-merges done candidates with equal label sequences (log-add of their scores; the better
-one keeps its slot and state) and keeps the best `beam_size` of all candidates with one
-`lax.top_k`. The frame ends when no hypothesis is active (after at most
-`max_symbols_per_frame + 1` steps). With an unbounded beam the final scores are the
-log-sum over all alignments of each label sequence; with a finite beam they are the
-log-sum over the alignments that survived pruning (a lower bound). Merging happens after
-the last pruning of a frame too, so a beam can end with fewer than `beam_size` distinct
-hypotheses; the empty slots have score -inf.
+Beam search, `method="tsd"` (the default; time-synchronous decoding, Saon et al. 2020).
+Within a frame two sets of `beam_size` slots each are kept apart:
+  * B, *ended*: hypotheses that closed the frame with their blank (its final beam),
+  * A, *active*: hypotheses that emitted s labels in this frame and may still emit.
+A frame starts with A = the beam and B empty. Step s (s = 0..max_symbols_per_frame) scores
+every active hypothesis at once; A + blank joins B (B = the best `beam_size` of B and the
+new candidates, after log-adding the scores of equal label sequences into the best of
+them) and A + label (while s < max_symbols_per_frame) becomes the next A (the best
+`beam_size` label extensions). An active hypothesis already below B's `beam_size`-th score
+is dropped: without fusion no extension can raise a score, so neither it nor its extensions
+could enter B (they could only have log-added a little to an equal sequence already in B;
+with positive fusion bonuses the drop is a pruning heuristic like the top-k). The frame
+ends when A is empty (usually after a step or two); B is the beam. So a hypothesis that needs
+several labels in a frame competes only with other active ones, and an ended hypothesis leaves
+B only for a better ended one. With beam 1 this keeps the best stopping point along the
+best-label chain, which is not greedy decoding (greedy stops at the first step where blank
+beats every label); over several frames neither of the two always scores higher.
+
+Beam search, `method="one_pass"` (chosen so that beam 1 is exactly `greedy_decode`): one
+set of `beam_size` slots holds both kinds; each step maps an ended hypothesis to itself and
+an active one to + blank (ended) or + label (active), merges equal ended sequences and keeps
+the best `beam_size` of all candidates with one `lax.top_k`. Its weakness: a hypothesis that
+needs several labels in one frame pays them one step at a time, and after 2-3 labels its
+partial score drops below ended hypotheses that already paid their blank, which take its
+slot although its completed path would be far better (and active partials can evict ended
+hypotheses and then end worse). On models that emit several labels per frame it can find a
+worse path than greedy.
+
+Both: with an unbounded beam the final scores are the log-sum over all alignments of each
+label sequence; with a finite beam they are the log-sum over the alignments that survived
+pruning (a lower bound). 'one_pass' merges after the last pruning of a frame too, so its beam
+can end with fewer than `beam_size` distinct hypotheses ('tsd' merges before pruning); empty
+slots have score -inf.
 
 Score fusion (`ScoreFusion`) plugs an external scorer (LM shallow fusion, KMP phrase
 boosting) into the search without editing it: its state rides along with each hypothesis
@@ -177,29 +196,52 @@ def greedy_decode(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: 
 
 # Beam search.
 
-class _Beam(NamedTuple):
-  """Search state; hypotheses of a row are slots 0..beam-1.
+BEAM_METHODS = ("tsd", "one_pass")
 
-  tokens [batch, beam, max_len], lengths [batch, beam], scores [batch, beam] (-inf = empty),
-  done [batch, beam] (blank emitted in this frame), pred_state (leaves [batch * beam, ...]),
-  pred_out [batch * beam, pred_dim], fusion_state (leaves [batch, beam, ...], () without fusion).
+
+class _Hyps(NamedTuple):
+  """Hypotheses of every row in slots 0..n-1; every leaf leads with [batch, n].
+
+  tokens [batch, n, max_len] (zero after lengths), lengths [batch, n], scores [batch, n]
+  (-inf = empty slot), pred_state (leaves [batch, n, ...]), pred_out [batch, n, pred_dim],
+  fusion_state (leaves [batch, n, ...], () without fusion).
   """
   tokens: jax.Array
   lengths: jax.Array
   scores: jax.Array
-  done: jax.Array
   pred_state: Any
   pred_out: jax.Array
   fusion_state: Any
+
+
+def _take(hyps: _Hyps, index: jax.Array) -> _Hyps:
+  """Slots index [batch, k] of every row."""
+  rows = jnp.arange(index.shape[0])[:, None]
+  return jax.tree.map(lambda x: x[rows, index], hyps)
+
+
+def _concat(first: _Hyps, second: _Hyps) -> _Hyps:
+  """The slots of `first`, then those of `second`."""
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), first, second)
+
+
+def _flatten_slots(tree: Any) -> Any:
+  """Leaves [batch, n, ...] -> [batch * n, ...] (the layout the transducer functions take)."""
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+
+
+def _split_slots(tree: Any, batch: int) -> Any:
+  """Leaves [batch * n, ...] -> [batch, n, ...]."""
+  return jax.tree.map(lambda x: x.reshape((batch, -1) + x.shape[1:]), tree)
 
 
 def _merge_equal_sequences(scores: jax.Array, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
   """Log-adds the scores of hypotheses with equal label sequences into the best of them.
 
   Args:
-    scores: [batch, beam] (-inf = empty); tokens [batch, beam, max_len] zero after lengths [batch, beam].
+    scores: [batch, n] (-inf = empty); tokens [batch, n, max_len] zero after lengths [batch, n].
   Returns:
-    [batch, beam]: the group's log-sum at the group's best slot (lowest slot on ties), -inf at the others.
+    [batch, n]: the group's log-sum at the group's best slot (lowest slot on ties), -inf at the others.
   """
   valid = jnp.isfinite(scores)
   same = (jnp.all(tokens[:, :, None] == tokens[:, None, :], axis=-1)
@@ -223,21 +265,161 @@ def _shallow_bonus(fusion: ScoreFusion, fusion_state: Any, label_logp: jax.Array
   return jnp.where(in_top, bonus, 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Expander:
+  """Scores and extends hypotheses; shared by both search methods."""
+  fns: TransducerFns
+  fusion: ScoreFusion | None
+  fusion_top_k: int | None
+  max_symbols_per_frame: int
+  max_output_length: int
+
+  def log_probs(self, hyps: _Hyps, enc_frame: jax.Array) -> jax.Array:
+    """[batch, n, vocab] float32 next-symbol log-probs; enc_frame [batch * n, enc_dim]."""
+    batch = hyps.scores.shape[0]
+    logits = self.fns.joint(enc_frame, _flatten_slots(hyps.pred_out))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(batch, -1, logits.shape[-1])
+    if self.fusion_top_k is not None and self.fusion_top_k > logp.shape[-1] - 1:
+      raise ValueError(f"fusion_top_k={self.fusion_top_k} exceeds the {logp.shape[-1] - 1} non-blank labels.")
+    return logp
+
+  def may_label(self, hyps: _Hyps, step: jax.Array) -> jax.Array:
+    """[batch, n]: non-empty slots that may still emit a label at expansion step `step` of a frame."""
+    return (jnp.isfinite(hyps.scores) & (step < self.max_symbols_per_frame)
+            & (hyps.lengths < self.max_output_length))
+
+  def label_scores(self, hyps: _Hyps, logp: jax.Array, can_emit: jax.Array) -> jax.Array:
+    """[batch, n, vocab - 1] scores of hypothesis + label (column j: label j + 1; shallow bonus
+    included), -inf where not can_emit [batch, n]."""
+    scores = hyps.scores[..., None] + logp[..., 1:]
+    if self.fusion is not None and self.fusion.mode == "shallow":
+      scores = scores + _shallow_bonus(self.fusion, hyps.fusion_state, logp[..., 1:], self.fusion_top_k)
+    return jnp.where(can_emit[..., None], scores, _NEG_INF)
+
+  def emit(self, parents: _Hyps, label: jax.Array, emitted: jax.Array) -> _Hyps:
+    """parents (already holding the new scores) + label [batch, n] where emitted [batch, n]; the
+    others keep their state. In 'rescore' mode the earned fusion bonus is added to the score."""
+    batch = label.shape[0]
+    label = jnp.where(emitted, label, BLANK_ID).astype(jnp.int32)
+    new_out, new_state = self.fns.predictor_step(_flatten_slots(parents.pred_state), label.reshape(-1))
+    scores, fusion_state = parents.scores, parents.fusion_state
+    if self.fusion is not None:
+      advanced, earned = self.fusion.advance(fusion_state, label)
+      fusion_state = _select_rows(emitted, advanced, fusion_state)
+      if self.fusion.mode == "rescore":
+        scores = scores + jnp.where(emitted, earned.astype(jnp.float32), 0.0)
+    return _Hyps(tokens=_append(parents.tokens, parents.lengths, label, emitted),
+                 lengths=parents.lengths + emitted,
+                 scores=scores,
+                 pred_state=_select_rows(emitted, _split_slots(new_state, batch), parents.pred_state),
+                 pred_out=_select_rows(emitted, _split_slots(new_out, batch), parents.pred_out),
+                 fusion_state=fusion_state)
+
+
+def _tsd_step(expander: _Expander, active: _Hyps, ended: _Hyps, step: jax.Array, enc_frame: jax.Array
+              ) -> tuple[_Hyps, _Hyps]:
+  """One expansion step of the active set A into the ended set B (both [batch, k] slots)."""
+  batch, k = active.scores.shape
+  logp = expander.log_probs(active, enc_frame)
+
+  closed = jnp.where(jnp.isfinite(active.scores), active.scores + logp[..., BLANK_ID], _NEG_INF)
+  pool = _concat(ended, active._replace(scores=closed))
+  merged = _merge_equal_sequences(pool.scores, pool.tokens, pool.lengths)
+  ended_scores, keep = jax.lax.top_k(merged, k)
+  ended = _take(pool, keep)._replace(scores=ended_scores)
+
+  with_label = expander.label_scores(active, logp, expander.may_label(active, step))
+  labels = with_label.shape[-1]
+  scores, flat_index = jax.lax.top_k(with_label.reshape(batch, k * labels), k)
+  parent, label = flat_index // labels, flat_index % labels + 1
+  active = expander.emit(_take(active, parent)._replace(scores=scores), label, jnp.isfinite(scores))
+  # Blank (and, without positive fusion bonuses, every label) only lowers a score: an active
+  # hypothesis already below B's k-th best can never enter B.
+  survives = active.scores >= ended.scores[:, -1:]
+  return active._replace(scores=jnp.where(survives, active.scores, _NEG_INF)), ended
+
+
+def _tsd_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, jax.Array]) -> tuple[_Hyps, None]:
+  """One frame of time-synchronous decoding: A starts as the beam, B empty; the beam becomes B."""
+  enc_frame, is_pad = frame
+  k = beam.scores.shape[1]
+  pad = is_pad[:, None]
+  # A padded row starts with its beam already ended, so it is not expanded.
+  active = beam._replace(scores=jnp.where(pad, _NEG_INF, beam.scores))
+  ended = beam._replace(scores=jnp.where(pad, beam.scores, _NEG_INF))
+  enc_frame = jnp.repeat(enc_frame, k, axis=0)  # one copy per hypothesis
+
+  def any_active(c):
+    step, active, _ = c
+    return (step <= expander.max_symbols_per_frame) & jnp.any(jnp.isfinite(active.scores))
+
+  def body(c):
+    step, active, ended = c
+    return (step + 1, *_tsd_step(expander, active, ended, step, enc_frame))
+
+  _, _, ended = jax.lax.while_loop(any_active, body, (jnp.int32(0), active, ended))
+  return ended, None
+
+
+def _one_pass_step(expander: _Expander, beam: _Hyps, done: jax.Array, step: jax.Array, enc_frame: jax.Array
+                   ) -> tuple[_Hyps, jax.Array]:
+  """One expansion step of a beam mixing ended (done [batch, k]) and active hypotheses."""
+  batch, k = beam.scores.shape
+  logp = expander.log_probs(beam, enc_frame)
+  vocab = logp.shape[-1]
+  active = ~done & jnp.isfinite(beam.scores)
+
+  # Candidate (parent, token): token 0 = blank for an active parent, "stay" for a done one.
+  stay_or_blank = jnp.where(active, beam.scores + logp[..., BLANK_ID], beam.scores)
+  with_label = expander.label_scores(beam, logp, active & expander.may_label(beam, step))
+  # Only blank/stay candidates can repeat a sequence: label extensions of the active
+  # parents (all s labels into this frame, distinct sequences) are distinct.
+  stay_or_blank = _merge_equal_sequences(stay_or_blank, beam.tokens, beam.lengths)
+  candidates = jnp.concatenate([stay_or_blank[..., None], with_label], axis=-1).reshape(batch, k * vocab)
+
+  scores, flat_index = jax.lax.top_k(candidates, k)
+  parent, label = flat_index // vocab, flat_index % vocab
+  emitted = (label != BLANK_ID) & jnp.isfinite(scores)
+  return expander.emit(_take(beam, parent)._replace(scores=scores), label, emitted), ~emitted
+
+
+def _one_pass_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, jax.Array]) -> tuple[_Hyps, None]:
+  """One frame of the one-pass search (ended and active hypotheses share the k slots)."""
+  enc_frame, is_pad = frame
+  batch, k = beam.scores.shape
+  # A padded frame starts with every hypothesis done, so nothing is expanded.
+  done = jnp.broadcast_to(is_pad[:, None], (batch, k))
+  enc_frame = jnp.repeat(enc_frame, k, axis=0)  # one copy per hypothesis
+
+  def any_active(c):
+    step, beam, done = c
+    return (step <= expander.max_symbols_per_frame) & jnp.any(~done & jnp.isfinite(beam.scores))
+
+  def body(c):
+    step, beam, done = c
+    return (step + 1, *_one_pass_step(expander, beam, done, step, enc_frame))
+
+  _, beam, _ = jax.lax.while_loop(any_active, body, (jnp.int32(0), beam, done))
+  return beam, None
+
+
 def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: jax.Array, *, beam_size: int,
                 max_symbols_per_frame: int = 2, max_output_length: int, fusion: ScoreFusion | None = None,
-                fusion_top_k: int | None = None) -> BeamResult:
+                fusion_top_k: int | None = None, method: str = "tsd") -> BeamResult:
   """Fixed-shape, time-synchronous transducer beam search (see the module docstring).
 
   Args:
     fns: the transducer.
     encoder_out: [batch, frames, enc_dim].
     encoder_paddings: [batch, frames], 1.0 on padded frames (they leave the beam as it is).
-    beam_size: hypotheses kept per utterance (1 = `greedy_decode`).
+    beam_size: hypotheses kept per utterance (with method 'one_pass', 1 = `greedy_decode`).
     max_symbols_per_frame: labels a hypothesis may emit in one frame before its blank.
     max_output_length: width of the output; a full hypothesis only emits blanks.
     fusion: optional external scorer (see `ScoreFusion`).
     fusion_top_k: in 'shallow' mode, give the bonus only to the hypothesis's top-k labels
       by model log-prob (None = all labels).
+    method: 'tsd' (ended and active hypotheses in separate sets of beam_size slots) or
+      'one_pass' (one shared set; beam 1 is greedy). See the module docstring.
   Returns:
     BeamResult sorted best first. Merging log-adds the total (model + fusion) scores, which
     is exact when the fusion bonus depends only on the label sequence.
@@ -247,83 +429,24 @@ def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: ja
     raise ValueError(f"beam_size must be >= 1, got {beam_size}.")
   if fusion_top_k is not None and (fusion is None or fusion.mode != "shallow" or fusion_top_k < 1):
     raise ValueError(f"fusion_top_k={fusion_top_k} needs a 'shallow' ScoreFusion and a value >= 1.")
+  if method not in BEAM_METHODS:
+    raise ValueError(f"beam search method must be one of {BEAM_METHODS}, got {method!r}.")
   batch, k = encoder_out.shape[0], beam_size
   rows = jnp.arange(batch)[:, None]
+  expander = _Expander(fns, fusion, fusion_top_k, max_symbols_per_frame, max_output_length)
 
   pred_out, pred_state = fns.predictor_step(fns.predictor_init(batch * k), jnp.zeros((batch * k,), jnp.int32))
-  beam = _Beam(
+  beam = _Hyps(
       tokens=jnp.zeros((batch, k, max_output_length), jnp.int32),
       lengths=jnp.zeros((batch, k), jnp.int32),
       scores=jnp.full((batch, k), _NEG_INF, jnp.float32).at[:, 0].set(0.0),  # one empty hypothesis
-      done=jnp.zeros((batch, k), bool),
-      pred_state=pred_state,
-      pred_out=pred_out,
+      pred_state=_split_slots(pred_state, batch),
+      pred_out=_split_slots(pred_out, batch),
       fusion_state=() if fusion is None else fusion.init(batch, k))
 
-  def expand(beam: _Beam, step: jax.Array, enc_frame: jax.Array) -> _Beam:
-    """One expansion step of every hypothesis; enc_frame [batch * beam, enc_dim]."""
-    logits = fns.joint(enc_frame, beam.pred_out)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(batch, k, -1)
-    vocab = logp.shape[-1]
-    if fusion_top_k is not None and fusion_top_k > vocab - 1:
-      raise ValueError(f"fusion_top_k={fusion_top_k} exceeds the {vocab - 1} non-blank labels.")
-    active = ~beam.done & jnp.isfinite(beam.scores)
-    may_label = active & (step < max_symbols_per_frame) & (beam.lengths < max_output_length)
-
-    # Candidate (parent, token): token 0 = blank for an active parent, "stay" for a done one.
-    stay_or_blank = jnp.where(active, beam.scores + logp[..., BLANK_ID], beam.scores)
-    with_label = beam.scores[..., None] + logp[..., 1:]
-    if fusion is not None and fusion.mode == "shallow":
-      with_label = with_label + _shallow_bonus(fusion, beam.fusion_state, logp[..., 1:], fusion_top_k)
-    with_label = jnp.where(may_label[..., None], with_label, _NEG_INF)
-    # Only blank/stay candidates can repeat a sequence: label extensions of the active
-    # parents (all s labels into this frame, distinct sequences) are distinct.
-    stay_or_blank = _merge_equal_sequences(stay_or_blank, beam.tokens, beam.lengths)
-    candidates = jnp.concatenate([stay_or_blank[..., None], with_label], axis=-1).reshape(batch, k * vocab)
-
-    scores, flat_index = jax.lax.top_k(candidates, k)
-    parent = flat_index // vocab
-    label = (flat_index % vocab).astype(jnp.int32)
-    emitted = (label != BLANK_ID) & jnp.isfinite(scores)
-    label = jnp.where(emitted, label, BLANK_ID)
-
-    flat_parent = (rows * k + parent).reshape(-1)
-    pred_state = jax.tree.map(lambda x: x[flat_parent], beam.pred_state)
-    pred_out = beam.pred_out[flat_parent]
-    new_out, new_state = fns.predictor_step(pred_state, label.reshape(-1))
-    emitted_flat = emitted.reshape(-1)
-
-    fusion_state = jax.tree.map(lambda x: x[rows, parent], beam.fusion_state)
-    if fusion is not None:
-      advanced, earned = fusion.advance(fusion_state, label)
-      fusion_state = _select_rows(emitted, advanced, fusion_state)
-      if fusion.mode == "rescore":
-        scores = scores + jnp.where(emitted, earned.astype(jnp.float32), 0.0)
-
-    lengths = beam.lengths[rows, parent]
-    return _Beam(
-        tokens=_append(beam.tokens[rows, parent], lengths, label, emitted),
-        lengths=lengths + emitted,
-        scores=scores,
-        done=~emitted,
-        pred_state=_select_rows(emitted_flat, new_state, pred_state),
-        pred_out=_select_rows(emitted_flat, new_out, pred_out),
-        fusion_state=fusion_state)
-
-  def one_frame(beam: _Beam, frame) -> tuple[_Beam, None]:
-    enc_frame, is_pad = frame
-    # A padded frame starts with every hypothesis done, so nothing is expanded.
-    beam = beam._replace(done=jnp.broadcast_to(is_pad[:, None], (batch, k)))
-
-    def any_active(c):
-      step, beam = c
-      return (step <= max_symbols_per_frame) & jnp.any(~beam.done & jnp.isfinite(beam.scores))
-
-    enc_frame = jnp.repeat(enc_frame, k, axis=0)  # one copy per hypothesis
-    _, beam = jax.lax.while_loop(any_active, lambda c: (c[0] + 1, expand(c[1], c[0], enc_frame)), (0, beam))
-    return beam, None
-
-  beam, _ = jax.lax.scan(one_frame, beam, _frames_major(encoder_out, encoder_paddings))
+  one_frame = _tsd_frame if method == "tsd" else _one_pass_frame
+  beam, _ = jax.lax.scan(lambda b, frame: one_frame(expander, b, frame), beam,
+                         _frames_major(encoder_out, encoder_paddings))
 
   scores = beam.scores
   if fusion is not None:
@@ -334,4 +457,3 @@ def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: ja
   return BeamResult(tokens=jnp.where(valid[..., None], beam.tokens[rows, order], 0),
                     lengths=jnp.where(valid, beam.lengths[rows, order], 0),
                     scores=jnp.where(valid, scores[rows, order], _NEG_INF))
-

@@ -4,9 +4,11 @@ r"""ASR evaluation launcher: restore a transducer, decode a split, score WER.
       --gin.MODEL_DIR="'runs/asr'" [--gin.asr_eval.beam_size=8] [--gin.asr_eval.biasing_delta=2.0]
 
 Decodes every utterance of `split` (greedy when beam_size is 1, else the fixed-shape beam
-search) and writes MODEL_DIR/eval/asr_<split>_beam<K><biasing>_step<N>.json (WER with its
+search) and writes MODEL_DIR/eval/asr_<split>_beam<K><method><biasing>_step<N>.json (WER with its
 substitutions, deletions and insertions; B-WER / U-WER when the task carries per-utterance bias
 lists) and the same name .jsonl (id, reference, hypothesis per utterance); K = 1 is greedy.
+beam_method picks the beam search (memlm_jax/decoding/transducer_beam.py): 'tsd' (default,
+<method> = '') or 'one_pass' (<method> = '_onepass').
 
 KMP phrase biasing (memlm_jax/decoding/kmp.py) is on when biasing_delta > 0: the beam search
 (beam 1 included, then not greedy) gets a `kmp_fusion` built from per-utterance phrase lists,
@@ -44,7 +46,7 @@ from flax import nnx
 
 from memlm_jax.data import speech
 from memlm_jax.decoding.kmp import PhraseTable, build_phrase_table, kmp_fusion
-from memlm_jax.decoding.transducer_beam import beam_search, greedy_decode
+from memlm_jax.decoding.transducer_beam import BEAM_METHODS, beam_search, greedy_decode
 from memlm_jax.evaluation import wer
 from memlm_jax.launch.eval_lib import restore_for_inference, write_json
 from memlm_jax.runtime import partitioning
@@ -54,11 +56,23 @@ BIASING_MODES = ("shallow", "rescore")
 BIAS_LISTS = ("utterance", "anti")
 
 
-def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_frame: int, max_output_length: int
-                 ) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """jitted (params, audio [batch, samples], audio_paddings) -> (tokens [batch, max_output_length], lengths)."""
+def _check_beam_method(method: str) -> None:
+  if method not in BEAM_METHODS:
+    raise ValueError(f"asr_eval.beam_method must be one of {BEAM_METHODS}, got {method!r}.")
+
+
+def _method_name(method: str) -> str:
+  """File-name part of the beam search method: '' for the default 'tsd', else e.g. '_onepass'."""
+  return "" if method == "tsd" else "_" + method.replace("_", "")
+
+
+def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_frame: int, max_output_length: int,
+                 method: str = "tsd") -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """jitted (params, audio [batch, samples], audio_paddings) -> (tokens [batch, max_output_length], lengths).
+  beam_size 1 is greedy decoding; above, `beam_search` with `method` ('tsd' or 'one_pass')."""
   if beam_size < 1:
     raise ValueError(f"asr_eval.beam_size must be >= 1, got {beam_size}.")
+  _check_beam_method(method)
 
   @jax.jit
   def decode(params, audio, audio_paddings):
@@ -69,7 +83,8 @@ def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_fram
       return greedy_decode(fns, encoder_out, encoder_paddings, max_symbols_per_frame=max_symbols_per_frame,
                            max_output_length=max_output_length)
     best = beam_search(fns, encoder_out, encoder_paddings, beam_size=beam_size,
-                       max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length)
+                       max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length,
+                       method=method)
     return best.tokens[:, 0], best.lengths[:, 0]
 
   return decode
@@ -139,17 +154,20 @@ class KmpBiasing:
 
 
 def make_biased_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_frame: int,
-                        max_output_length: int, mode: str = "shallow", top_k: int | None = None
+                        max_output_length: int, mode: str = "shallow", top_k: int | None = None,
+                        method: str = "tsd"
                         ) -> Callable[[Any, jax.Array, jax.Array, PhraseTable, Any], tuple[jax.Array, jax.Array]]:
   """jitted (params, audio [batch, samples], audio_paddings [batch, samples], table, delta) ->
   (tokens [batch, max_output_length], lengths [batch]): the best hypothesis of the beam search
-  with KMP fusion. table is a batched PhraseTable (row u biases utterance u); delta is a traced
-  scalar, so any bonus (0 included: exactly the unbiased beam search) reuses one compilation.
+  (`method` 'tsd' or 'one_pass') with KMP fusion. table is a batched PhraseTable (row u biases
+  utterance u); delta is a traced scalar, so any bonus (0 included: exactly the unbiased beam
+  search) reuses one compilation.
   """
   if beam_size < 1:
     raise ValueError(f"asr_eval.beam_size must be >= 1, got {beam_size}.")
   if mode not in BIASING_MODES:
     raise ValueError(f"asr_eval.biasing_mode must be one of {BIASING_MODES}, got {mode!r}.")
+  _check_beam_method(method)
 
   @jax.jit
   def decode(params, audio, audio_paddings, table, delta):
@@ -158,7 +176,7 @@ def make_biased_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_p
     fusion = kmp_fusion(table, jnp.asarray(delta, jnp.float32), mode)
     best = beam_search(net.decoding_fns(), encoder_out, encoder_paddings, beam_size=beam_size,
                        max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length,
-                       fusion=fusion, fusion_top_k=top_k)
+                       fusion=fusion, fusion_top_k=top_k, method=method)
     return best.tokens[:, 0], best.lengths[:, 0]
 
   return decode
@@ -266,12 +284,14 @@ def _biased_batch_decoder(trainer: Trainer, params: Any, decode: Callable[..., A
 def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_name: str = gin.REQUIRED,
              vocabulary: seqio.Vocabulary = gin.REQUIRED, split: str = "test", batch_size: int = 8,
              max_audio_samples: int = gin.REQUIRED, max_target_length: int = gin.REQUIRED,
-             max_output_length: int | None = None, beam_size: int = 1, max_symbols_per_frame: int = 4,
+             max_output_length: int | None = None, beam_size: int = 1, max_symbols_per_frame: int = 32,
              checkpoint_step: int | None = None, biasing_delta: float = 0.0, biasing_mode: str = "shallow",
              biasing_top_k: int | None = None, bias_lists: str = "utterance", max_phrases: int = 32,
              max_phrase_length: int = 32, biasing_chain_width: int | None = None, anti_bias_seed: int = 0,
-             mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh) -> dict:
+             beam_method: str = "tsd", mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh) -> dict:
   """Decodes `split` of `task_name` and returns (and writes) the WER summary.
+
+  beam_method: the beam search, 'tsd' or 'one_pass' (module docstring).
 
   biasing_*: KMP biasing (module docstring): delta (0 = off), mode ('shallow' | 'rescore'),
   top_k ('shallow' only), bias_lists ('utterance' | 'anti'), max_phrases / max_phrase_length /
@@ -279,12 +299,13 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
   """
   if beam_size < 1:
     raise ValueError(f"asr_eval.beam_size must be >= 1, got {beam_size}.")
+  _check_beam_method(beam_method)
   biasing = KmpBiasing(biasing_delta, biasing_mode, biasing_top_k, bias_lists, max_phrases, max_phrase_length,
                        biasing_chain_width, anti_bias_seed)
   partitioning.initialize_distributed()
   trainer, params, step = restore_for_inference(model_dir, model, mesh(), checkpoint_step)
   sizes = dict(beam_size=beam_size, max_symbols_per_frame=max_symbols_per_frame,
-               max_output_length=max_output_length or max_target_length)
+               max_output_length=max_output_length or max_target_length, method=beam_method)
 
   def batches():
     return speech.speech_batches(task_name, split, batch_size, max_audio_samples, max_target_length,
@@ -312,13 +333,15 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
   refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
   overall = wer.word_error_rate(refs, hyps)
   payload = {"task": task_name, "split": split, "step": step, "utterances": len(rows), "beam_size": beam_size,
+             "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
              "wer": overall.wer, "substitutions": overall.substitutions, "deletions": overall.deletions,
              "insertions": overall.insertions, "reference_words": overall.reference_words, **biasing.summary()}
   if any(r["bias"] for r in rows):
     biased_result = wer.biased_wer(refs, hyps, [r["bias"] for r in rows])
     payload.update({"b_wer": biased_result.b_wer, "u_wer": biased_result.u_wer})
   if jax.process_index() == 0:
-    base = os.path.join(model_dir, "eval", f"asr_{split}_beam{beam_size}{biasing.name}_step{step}")
+    name = f"asr_{split}_beam{beam_size}{_method_name(beam_method)}{biasing.name}_step{step}"
+    base = os.path.join(model_dir, "eval", name)
     write_json(base + ".json", payload)
     with open(base + ".jsonl.tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)

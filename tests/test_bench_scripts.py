@@ -3,10 +3,12 @@
 import json
 import subprocess
 import sys
+import pytest
 
 from tests import lm_runs
 
 
+@pytest.mark.slow  # CI time budget; run by make test-all
 def test_bench_infini_quick_writes_one_record_per_model_and_length(tmp_path):
   out = tmp_path / "bench.json"
   result = subprocess.run([sys.executable, "scripts/bench_infini.py", "--quick", f"--output={out}"], cwd=lm_runs.REPO,

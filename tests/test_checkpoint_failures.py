@@ -66,6 +66,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous_with_warning(tmp_pat
   assert Checkpointer(ckpt_dir).all_steps() == [5]
 
 
+@pytest.mark.slow  # CI time budget; run by make test-all
 def test_training_resumes_past_a_corrupted_checkpoint(tmp_path):
   lm_runs.corpus(str(tmp_path / "data"))
   model_dir, _ = _train(tmp_path, "run", TRAIN_STEPS=10)

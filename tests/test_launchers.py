@@ -33,6 +33,7 @@ def test_missing_gin_file_is_one_line_naming_it():
     lm_runs.parse(["runs/nope.gin"], [])
 
 
+@pytest.mark.slow  # CI time budget; run by make test-all
 def test_launcher_config_errors_exit_with_one_line(tmp_path):
   for files, binding, name in ((FILES, "TransformerLM.num_layerz = 3", "num_layerz"),
                                (FILES, "trian.train_steps = 3", "trian"),

@@ -127,7 +127,8 @@ def test_bucket_depths_fall_in_their_buckets():
   assert [passkey.depth_bucket(d) for d in depths] == ["start"] * 3 + ["middle"] * 3 + ["end"] * 3
 
 
-@pytest.mark.parametrize("recipe", ["tiny/infini_passkey.gin", "tiny/dense_passkey.gin"])
+@pytest.mark.parametrize("recipe", ["tiny/infini_passkey.gin",
+                                    pytest.param("tiny/dense_passkey.gin", marks=pytest.mark.slow)])
 def test_training_smoke_and_the_eval_launcher_at_a_small_length(tmp_path, recipe):
   model_dir = str(tmp_path / "run")
   bindings = [f"MODEL_DIR = '{model_dir}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 2", "SEQUENCE_LENGTH = 512",

@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import time
+import pytest
 
 from memlm_jax.runtime.summaries import read_jsonl
 from tests import lm_runs
@@ -55,6 +56,7 @@ def test_sigkill_then_relaunch_reproduces_the_uninterrupted_losses(tmp_path):
     assert got[step]["grad_norm"] == want[step]["grad_norm"]
 
 
+@pytest.mark.slow  # CI time budget; run by make test-all
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   data = lm_runs.corpus(str(tmp_path / "data"))
   model_dir = str(tmp_path / "run")

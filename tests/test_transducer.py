@@ -110,6 +110,7 @@ def test_training_agrees_on_one_device_and_a_2x4_mesh_and_the_asr_eval_writes_we
   assert 0 <= written["b_wer"] and 0 <= written["u_wer"]
 
 
+@pytest.mark.slow  # CI time budget; run by make test-all
 def test_the_memory_lean_loss_gives_the_plain_loss_and_gradients():
   plain = _tiny_model()
   lm_runs.parse(["models/transducer.gin"], TINY + ["VOCAB_SIZE = 11", "Transducer.loss_frame_chunk = 3"])
@@ -126,6 +127,7 @@ def test_the_memory_lean_loss_gives_the_plain_loss_and_gradients():
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # CI time budget; run by make test-all
 def test_greedy_decoder_is_beam_one():
   model = _tiny_model()
   graphdef, params = nnx.split(model)

@@ -13,8 +13,8 @@ DATA=${1:-runs/synth_speech}
 MODEL_DIR=${MODEL_DIR:-runs/asr}
 SPLITS=${SPLITS:-test}
 BEAM=${BEAM:-4}
-DELTAS=${DELTAS:-"0.5 1.0 2.0 4.0"}
-RESCORE_DELTA=${RESCORE_DELTA:-2.0}
+DELTAS=${DELTAS:-"0.1 0.25 0.5 1.0 2.0"}
+RESCORE_DELTA=${RESCORE_DELTA:-0.5}
 if [ ! -d "$MODEL_DIR/checkpoints" ] || [ ! -f "$DATA/spm.model" ]; then
   echo "no trained model in $MODEL_DIR or no corpus in $DATA: run experiments/transducer_synthetic/run.sh first." >&2
   exit 1

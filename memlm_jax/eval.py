@@ -15,7 +15,10 @@ from memlm_jax.launch import eval_lib
 
 
 def print_scalars(metrics: dict) -> None:
-  """One JSON line of the scalar results; per-example lists stay in the written JSON file."""
+  """One JSON line of the scalar results; per-example lists stay in the written JSON file.
+  With --quiet the launcher has shown its results already."""
+  if gin_utils.QUIET.value:
+    return
   print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
 
 

@@ -16,6 +16,8 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order (searched in --gin_search_paths).")
 GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files.")
+QUIET = flags.DEFINE_bool("quiet", False, "Show only progress lines and results on the terminal; the full absl log "
+                          "goes to MODEL_DIR/logs/.")
 GIN_SEARCH_PATHS = flags.DEFINE_list("gin_search_paths", [os.path.join(_REPO_ROOT, "configs"), ".", _REPO_ROOT],
                                      "Directories searched for --gin_file and gin `include`s.")
 
@@ -135,6 +137,8 @@ def run_launcher(run_fn: Callable[[str], Any], *, write_config_gin: bool = False
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     parse_flags_and_gin()
     directory = model_dir()
+    if QUIET.value:
+      log_to_model_dir(directory)
     if write_config_gin:
       write_config(directory, "config.gin", gin.config_str())
     try:
@@ -145,6 +149,16 @@ def run_launcher(run_fn: Callable[[str], Any], *, write_config_gin: bool = False
     on_result(result)
 
   run(main)
+
+
+def log_to_model_dir(directory: str) -> None:
+  """Sends the absl log to MODEL_DIR/logs/<program>.* and turns the terminal progress line on."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from memlm_jax.runtime import progress  # pylint: disable=g-import-not-at-top
+  log_dir = os.path.join(directory, "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  logging.get_absl_handler().use_absl_log_file(os.path.basename(sys.argv[0]).removesuffix(".py"), log_dir)
+  progress.enable()
 
 
 def run(main, argv: Sequence[str] | None = None) -> None:

@@ -69,12 +69,15 @@ def cmd_passkey(args: argparse.Namespace) -> None:
       results.append(pk.load_results(path))
     except OSError as e:
       raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
-  print(pk.passkey_table(results, metric=args.metric, paper=not args.no_paper))
+  metrics = pk.METRICS if args.metric == "both" else (args.metric,)
+  for i, metric in enumerate(metrics):  # the paper's rows once, after the last (token accuracy: its metric)
+    print(("\n" if i else "") + pk.passkey_table(results, metric=metric,
+                                                 paper=not args.no_paper and i == len(metrics) - 1))
   if args.heatmap is not None:
     path = args.heatmap or os.path.splitext(pk.latest_results_path(args.results[0]))[0] + "_heatmap.png"
     if path.endswith(".json"):
       raise ValueError(f"--heatmap {path}: refusing to write a PNG over a .json (put --heatmap last).")
-    pk.passkey_heatmap(results, path, metric=args.metric, depth_bins=args.depth_bins)
+    pk.passkey_heatmap(results, path, metric=metrics[0], depth_bins=args.depth_bins)
     print(f"\nwrote heatmap {path}")
 
 
@@ -93,7 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
   passkey = sub.add_parser("passkey", help=cmd_passkey.__doc__)
   passkey.add_argument("results", nargs="+", help="passkey results JSON(s) or model directories (their newest eval/passkey_step<N>.json), one row each")
-  passkey.add_argument("--metric", choices=pk.METRICS, default="exact_match")
+  passkey.add_argument("--metric", choices=pk.METRICS + ("both",), default="exact_match",
+                       help="'both': exact match, then token accuracy beside the paper (heatmap: exact match)")
   passkey.add_argument("--heatmap", nargs="?", const="", default=None, metavar="PNG",
                        help="write a length x depth heatmap (default path: <first JSON>_heatmap.png)")
   passkey.add_argument("--depth_bins", type=int, default=None,

@@ -162,6 +162,7 @@ def test_the_papers_1b_passkey_config_parses():
   assert gin.query_parameter("InfiniTransformerLM.segment_length") == 2048
   assert gin.query_parameter("passkey_task.lengths") == [5112]
   assert gin.query_parameter("warmup_cosine_schedule.peak_value") == 1e-4
+  assert str(gin.query_parameter("train.init_from")) == "%INIT_FROM"  # the warm start is wired
 
 
 def test_a_prompt_longer_than_the_sequence_allows_is_an_error_not_a_silent_cut():
@@ -171,3 +172,94 @@ def test_a_prompt_longer_than_the_sequence_allows_is_an_error_not_a_silent_cut()
                                     feature_converter="prefix_lm", targets_length=8, shuffle=False)
   with pytest.raises(tf.errors.InvalidArgumentError, match="inputs"):
     next(iter(lm_dataset.get_dataset(config).as_numpy_iterator()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe's vocabulary and the long-haystack write weights.
+
+
+def test_the_shipped_passkey_vocabulary_is_what_train_spm_builds_and_reads_keys_digit_by_digit(tmp_path):
+  import sentencepiece
+  from memlm_jax.data.vocabularies import PASSKEY_BPE_MODEL, passkey_vocabulary
+  from scripts import train_spm
+  rebuilt = train_spm.train_spm(None, str(tmp_path / "passkey_bpe"), 160, "bpe", lowercase=False, split_digits=True,
+                                passkey_count=2000)
+  pieces = lambda path: [p.piece for p in _model_proto(path).pieces]  # noqa: E731
+  assert pieces(rebuilt) == pieces(PASSKEY_BPE_MODEL)
+  vocab = passkey_vocabulary()
+  builder = passkey.PasskeyBuilder(vocab)
+  assert [vocab.decode([t]) for t in builder.answer(55757)][-5:] == list("55757")
+  example = builder.build(2048, 0.3, 48213)
+  assert len(example.inputs) == 2048 and "The pass key is 48213. Remember it." in vocab.decode(example.inputs.tolist())
+  assert max(example.inputs) < 160 and sentencepiece.__version__
+
+
+def _model_proto(path):
+  from sentencepiece import sentencepiece_model_pb2
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(path, "rb") as f:
+    proto.ParseFromString(f.read())
+  return proto
+
+
+def test_haystack_write_weights_by_hand():
+  """Segments of 4 in the decoder layout [BOS, inputs..., targets[:-1]]: only all-filler ones get r."""
+  example = passkey.PasskeyExample(inputs=np.arange(1, 15, dtype=np.int32), targets=np.array([7, 8, 9], np.int32),
+                                   key=0, depth=0.0, needle_start=8, needle_length=2, filler_start=2, filler_end=12)
+  # input index:  0 1 | 2..7 filler | 8 9 needle | 10 11 filler | 12 13 question; targets 3 -> 2 positions
+  # decoder pos:  BOS=0, input i at i+1: filler at positions 3..8 and 11..12
+  weights = passkey.haystack_write_weights(example, 50.0, segment_length=4)
+  assert weights.shape == (17,) and weights.dtype == np.float32
+  want = np.ones(17, np.float32)
+  want[4:8] = 50.0  # positions 4..7 = inputs 3..6, all filler; [0, 4) holds BOS and the instruction
+  np.testing.assert_array_equal(weights, want)
+  np.testing.assert_array_equal(passkey.haystack_write_weights(example, 50.0, segment_length=2)[[2, 3, 4, 5, 6, 7]],
+                                [1, 1, 50, 50, 50, 50])  # [2, 4) starts with the instruction; [8, 10) the needle
+
+
+def test_the_long_haystack_task_weights_only_filler_segments_in_the_models_batch():
+  vocab = byte_vocabulary()
+  name = passkey.passkey_task(name="passkey_weighted", lengths=[300, 480], long_haystack_probability=0.5,
+                              long_haystack_weights=(2.0, 1e4), segment_length=32)
+  config = lm_dataset.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=8, pack=False,
+                                    feature_converter="prefix_lm", targets_length=8, shuffle=False,
+                                    passthrough_features=("memory_write_weights",))
+  batches = lm_dataset.get_dataset(config).as_numpy_iterator()
+  drawn = []
+  for _ in range(6):
+    batch = next(batches)
+    weights, inputs = batch["memory_write_weights"], batch["decoder_input_tokens"]
+    assert weights.shape == inputs.shape and weights.dtype == np.float32
+    for row in range(8):
+      real = batch["decoder_target_tokens"][row] != 0
+      np.testing.assert_array_equal(weights[row][~real], 0.0)  # padding carries no weight
+      heavy = weights[row] != 1.0
+      heavy &= real
+      drawn.append(float(weights[row][heavy][0]) if heavy.any() else 1.0)
+      for start in np.flatnonzero(heavy)[::32]:
+        assert start % 32 == 0 and heavy[start:start + 32].all()
+        text = vocab.decode(inputs[row, start:start + 32].tolist())
+        assert "pass key" not in text and "important" not in text and "What" not in text, text
+  assert any(w != 1.0 for w in drawn)
+  # The draw itself, on a prompt long enough to always hold filler-only segments:
+  augmentation = passkey.LongHaystack(probability=0.5, weight_min=2.0, weight_max=1e4, segment_length=32)
+  example = passkey.PasskeyBuilder(vocab).build(2048, 0.5, 12345)
+  weights = [float(augmentation.weights(example, seed=3, index=i).max()) for i in range(400)]
+  weighted = [w for w in weights if w != 1.0]
+  assert 0.4 < len(weighted) / len(weights) < 0.6 and all(2.0 <= w <= 1e4 for w in weighted)
+  logs = np.log10(weighted)  # log-uniform over [log10 2, 4]: each half of that range gets about half
+  assert 0.35 < np.mean(logs < (np.log10(2.0) + 4) / 2) < 0.65
+
+
+def test_long_haystack_and_passthrough_settings_are_checked_before_reading_data():
+  with pytest.raises(ValueError, match="segment_length must be a positive int"):
+    passkey.passkey_task(name="passkey_no_segment", lengths=[300], long_haystack_probability=0.5)
+  with pytest.raises(ValueError, match=r"long_haystack_probability must be in \[0, 1\]"):
+    passkey.passkey_task(name="passkey_bad_p", lengths=[300], long_haystack_probability=2.0, segment_length=32)
+  name = passkey.passkey_task(name="passkey_plain", lengths=[300])
+  config = lm_dataset.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=2, pack=False,
+                                    feature_converter="prefix_lm", passthrough_features=("memory_write_weights",))
+  with pytest.raises(ValueError, match="has no feature 'memory_write_weights'"):
+    lm_dataset.get_dataset(config)
+  with pytest.raises(ValueError, match="needs pack=False"):
+    lm_dataset.get_dataset(dataclasses.replace(config, pack=True))

@@ -44,6 +44,10 @@ class DatasetConfig:
   targets_length: int = 8
   loss_on_targets_only: bool = True
   use_cached: bool = False
+  # Float task features already in the decoder's layout (length <= sequence_length), padded
+  # with zeros and handed to the model as they are, e.g. ['memory_write_weights'] (data/passkey.py).
+  # Only with pack=False and the 'decoder' or 'prefix_lm' converter.
+  passthrough_features: tuple[str, ...] = ()
 
 
 def get_task(config: DatasetConfig) -> seqio.Task | seqio.Mixture:
@@ -64,15 +68,16 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
   task = get_task(config)
   if config.split not in task.splits:
     raise ValueError(f"split {config.split!r} is not in task {task.name!r} (it has {list(task.splits)}).")
+  passthrough = _passthrough_specs(config, task)
   if config.feature_converter == "decoder":
-    converter = seqio.DecoderFeatureConverter(pack=config.pack)
+    converter = seqio.DecoderFeatureConverter(pack=config.pack, passthrough_features=passthrough)
     feature_lengths = {"targets": config.sequence_length}
   elif config.feature_converter == "prefix_lm":
     if not 0 < config.targets_length < config.sequence_length:
       raise ValueError(f"DatasetConfig.targets_length must be in 1..sequence_length-1={config.sequence_length - 1},"
                        f" got {config.targets_length}.")
-    converter = seqio.PrefixLMFeatureConverter(pack=config.pack,
-                                              loss_on_targets_only=config.loss_on_targets_only)
+    converter = seqio.PrefixLMFeatureConverter(pack=config.pack, loss_on_targets_only=config.loss_on_targets_only,
+                                              passthrough_features=passthrough)
     feature_lengths = {"inputs": config.sequence_length - config.targets_length,
                        "targets": config.targets_length}
   elif config.feature_converter == "speech":
@@ -83,6 +88,7 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
   else:
     raise ValueError(f"DatasetConfig.feature_converter must be 'decoder', 'prefix_lm' or 'speech', got "
                      f"{config.feature_converter!r}.")
+  feature_lengths.update({name: config.sequence_length for name in passthrough or {}})
   dataset = seqio.get_dataset(
       config.mixture_or_task_name,
       task_feature_lengths=feature_lengths,
@@ -99,6 +105,26 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
   options.deterministic = True
   dataset = dataset.with_options(options)
   return dataset.batch(config.batch_size // jax.process_count(), drop_remainder=drop_remainder)
+
+
+def _passthrough_specs(config: DatasetConfig,
+                       task: seqio.Task | seqio.Mixture) -> dict[str, seqio.FeatureConverter.FeatureSpec] | None:
+  """FeatureSpecs of config.passthrough_features, checked against the task before any data is read."""
+  if not config.passthrough_features:
+    return None
+  if isinstance(config.passthrough_features, str):
+    raise ValueError(f"DatasetConfig.passthrough_features must be a list of feature names, got the string "
+                     f"{config.passthrough_features!r}.")
+  if config.pack or config.feature_converter not in ("decoder", "prefix_lm"):
+    raise ValueError(f"DatasetConfig.passthrough_features={list(config.passthrough_features)} needs pack=False and "
+                     f"feature_converter 'decoder' or 'prefix_lm' (got pack={config.pack}, "
+                     f"{config.feature_converter!r}).")
+  missing = [name for name in config.passthrough_features if name not in task.output_features]
+  if missing:
+    raise ValueError(f"DatasetConfig.passthrough_features: task {task.name!r} has no feature {missing[0]!r} "
+                     f"(it has {sorted(task.output_features)}).")
+  return {name: seqio.FeatureConverter.FeatureSpec(dtype=task.output_features[name].dtype)
+          for name in config.passthrough_features}
 
 
 class TfDataIterator:

@@ -44,6 +44,16 @@ class PasskeyExample:
   key: int
   depth: float
   needle_start: int  # index in `inputs` of the needle's first token
+  needle_length: int
+  filler_start: int  # inputs[filler_start:filler_end] is filler except the needle
+  filler_end: int
+
+  def filler_mask(self) -> np.ndarray:
+    """[length] bool, True on filler tokens (not the instruction, needle or question)."""
+    mask = np.zeros(len(self.inputs), bool)
+    mask[self.filler_start:self.filler_end] = True
+    mask[self.needle_start:self.needle_start + self.needle_length] = False
+    return mask
 
 
 class PasskeyBuilder:
@@ -95,7 +105,9 @@ class PasskeyBuilder:
     filler = np.resize(self.filler_cycle, filler_length)  # repeats the cycle, cut to the exact length
     at = self._boundary_near(depth * filler_length, filler_length)
     inputs = np.concatenate([self.instruction, filler[:at], needle, filler[at:], self.question])
-    return PasskeyExample(inputs.astype(np.int32), self.answer(key), key, depth, len(self.instruction) + at)
+    start = len(self.instruction)
+    return PasskeyExample(inputs.astype(np.int32), self.answer(key), key, depth, needle_start=start + at,
+                          needle_length=len(needle), filler_start=start, filler_end=start + filler_length + len(needle))
 
   def sample(self, length: int, seed: int, index: int, depth: float | None = None) -> PasskeyExample:
     """Example `index` of the stream defined by `seed`: key (and depth, unless given) drawn from it."""
@@ -105,31 +117,109 @@ class PasskeyBuilder:
     return self.build(length, drawn_depth if depth is None else depth, key)
 
 
+def passkey_texts(count: int, seed: int = 0, key_min: int = 0, key_max: int = 99_999,
+                  max_filler_sentences: int = 12) -> list[str]:
+  """`count` passkey prompts with their answers as plain text (a vocabulary's training corpus):
+  the instruction, a random number of filler sentences around the needle, the question, " N"."""
+  if count <= 0:
+    raise ValueError(f"passkey_texts: count must be positive, got {count}.")
+  rng = np.random.default_rng(seed)
+  texts = []
+  for _ in range(count):
+    key = int(rng.integers(key_min, key_max + 1))
+    filler = [FILLER_SENTENCES[i % len(FILLER_SENTENCES)] for i in range(int(rng.integers(max_filler_sentences + 1)))]
+    at = int(rng.integers(len(filler) + 1))
+    texts.append(" ".join([INSTRUCTION, *filler[:at], NEEDLE.format(key=key), *filler[at:], QUESTION, str(key)]))
+  return texts
+
+
+def haystack_write_weights(example: PasskeyExample, weight: float, segment_length: int) -> np.ndarray:
+  """Memory write weights [len(inputs) + len(targets)] float32 in the decoder's input layout.
+
+  The prefix-LM converter feeds [BOS, inputs..., targets[:-1]], so weight t belongs to that
+  token t. Every segment (positions [s * segment_length, (s + 1) * segment_length)) made only
+  of filler tokens gets `weight`, as if the haystack were `weight` times longer there; the
+  instruction, the needle, the question and the answer are written once.
+  """
+  if segment_length <= 0:
+    raise ValueError(f"segment_length must be positive, got {segment_length}.")
+  filler = np.concatenate([[False], example.filler_mask(), np.zeros(len(example.targets) - 1, bool)])
+  weights = np.ones(len(filler), np.float32)
+  whole = len(filler) // segment_length * segment_length  # a cut last segment is never all-filler in training
+  all_filler = filler[:whole].reshape(-1, segment_length).all(axis=1)
+  weights[:whole].reshape(-1, segment_length)[all_filler] = weight
+  return weights
+
+
+@dataclasses.dataclass(frozen=True)
+class LongHaystack:
+  """Training-time augmentation: with `probability`, an example's filler-only segments are
+  written into memory with a weight drawn log-uniformly from [weight_min, weight_max]."""
+
+  probability: float
+  weight_min: float
+  weight_max: float
+  segment_length: int
+
+  def __post_init__(self):
+    if not 0.0 <= self.probability <= 1.0:
+      raise ValueError(f"passkey_task.long_haystack_probability must be in [0, 1], got {self.probability}.")
+    if not 0.0 < self.weight_min <= self.weight_max:
+      raise ValueError(f"passkey_task.long_haystack_weights must satisfy 0 < min <= max, got "
+                       f"({self.weight_min}, {self.weight_max}).")
+    if not isinstance(self.segment_length, int) or self.segment_length <= 0:
+      raise ValueError(f"passkey_task.segment_length must be a positive int (the model's segment length) when "
+                       f"long_haystack_probability > 0, got {self.segment_length!r}.")
+
+  def weights(self, example: PasskeyExample, seed: int, index: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, index, 11])
+    weight = 1.0
+    if rng.uniform() < self.probability:
+      weight = float(np.exp(rng.uniform(np.log(self.weight_min), np.log(self.weight_max))))
+    return haystack_write_weights(example, weight, self.segment_length)
+
+
+WRITE_WEIGHTS_FEATURE = "memory_write_weights"  # read by InfiniTransformerLM.loss
 SPLIT_SEEDS = {"train": 0, "validation": 1}  # the eval launcher draws from EVAL_SEED: disjoint keys streams
 EVAL_SEED = 2
 
 
-def _example_features(builder: PasskeyBuilder, lengths: Sequence[int], seed: int,
-                      index: int) -> tuple[np.ndarray, np.ndarray]:
-  """(inputs, targets) of example `index`: a pure function of (seed, index)."""
+def _example_features(builder: PasskeyBuilder, lengths: Sequence[int], seed: int, index: int,
+                      long_haystack: LongHaystack | None = None) -> tuple[np.ndarray, ...]:
+  """(inputs, targets[, write weights]) of example `index`: a pure function of (seed, index)."""
   rng = np.random.default_rng([seed, index, 7])
   example = builder.sample(int(lengths[rng.integers(len(lengths))]), seed, index)
-  return example.inputs, example.targets.astype(np.int32)
+  features = (example.inputs, example.targets.astype(np.int32))
+  if long_haystack is not None:
+    features += (long_haystack.weights(example, seed, index),)
+  return features
 
 
 @gin.configurable
 def passkey_task(name: str = "passkey", lengths: Sequence[int] = gin.REQUIRED,
                  vocabulary: seqio.Vocabulary | None = None, key_min: int = 10_000, key_max: int = 99_999,
-                 seed: int = 0) -> str:
+                 seed: int = 0, long_haystack_probability: float = 0.0,
+                 long_haystack_weights: Sequence[float] = (1.0, 1e4), segment_length: int | None = None) -> str:
   """Registers (or re-registers) a seqio task of endless passkey examples; returns its name.
 
   Each example's prompt length is drawn from `lengths` (tokens), its depth uniformly from
   [0, 1]; features "inputs" (the prompt) and "targets" (" N"). Splits 'train' and
   'validation' use disjoint seeds (seed + SPLIT_SEEDS[split] * 1000). Train with
   DatasetConfig.feature_converter = 'prefix_lm' so the loss falls on the answer only.
+
+  With `long_haystack_probability` > 0 the task also emits "memory_write_weights"
+  [len(inputs) + len(targets)] float32 (haystack_write_weights: filler-only segments of
+  `segment_length` get a weight log-uniform in `long_haystack_weights`); pass it to the
+  model with DatasetConfig.passthrough_features = ['memory_write_weights'].
   """
   vocabulary = vocabulary or byte_vocabulary()
   builder = PasskeyBuilder(vocabulary, key_min, key_max)
+  long_haystack = None
+  if long_haystack_probability:
+    if len(long_haystack_weights) != 2:
+      raise ValueError(f"passkey_task.long_haystack_weights must be (min, max), got {long_haystack_weights!r}.")
+    long_haystack = LongHaystack(float(long_haystack_probability), float(long_haystack_weights[0]),
+                                 float(long_haystack_weights[1]), segment_length)
   for length in lengths:
     if length < builder.min_length():
       raise ValueError(f"passkey_task.lengths: {length} is shorter than the shortest prompt "
@@ -140,9 +230,11 @@ def passkey_task(name: str = "passkey", lengths: Sequence[int] = gin.REQUIRED,
     split_seed = passkey_seed + SPLIT_SEEDS[split] * 1000
 
     def features(index):
-      inputs, targets = tf.numpy_function(lambda i: _example_features(builder, lengths, split_seed, int(i)),
-                                          [index], (tf.int32, tf.int32), stateful=False)
-      return {"inputs": tf.ensure_shape(inputs, [None]), "targets": tf.ensure_shape(targets, [None])}
+      dtypes = (tf.int32, tf.int32) + ((tf.float32,) if long_haystack else ())
+      values = tf.numpy_function(lambda i: _example_features(builder, lengths, split_seed, int(i), long_haystack),
+                                 [index], dtypes, stateful=False)
+      names = ("inputs", "targets", WRITE_WEIGHTS_FEATURE)
+      return {name: tf.ensure_shape(value, [None]) for name, value in zip(names, values)}
 
     # Each example is a pure function of its index, so the pipeline's only state is the
     # range position: that is what a checkpoint of the iterator saves (the Python function
@@ -152,14 +244,18 @@ def passkey_task(name: str = "passkey", lengths: Sequence[int] = gin.REQUIRED,
     return tf.data.Dataset.range(2 ** 62).map(features).with_options(options)
 
   passkey_seed = seed
+  output_features = {"inputs": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+                     "targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)}
+  if long_haystack:
+    output_features[WRITE_WEIGHTS_FEATURE] = seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
+                                                           dtype=tf.float32, required=False)
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
       name,
       source=seqio.FunctionDataSource(dataset_fn, splits=tuple(SPLIT_SEEDS)),
       preprocessors=[],
-      output_features={"inputs": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
-                       "targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
+      output_features=output_features,
       metric_fns=[],
   )
   return name

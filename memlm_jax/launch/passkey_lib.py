@@ -27,6 +27,17 @@ from memlm_jax.evaluation.passkey import evaluate_passkey
 from memlm_jax.launch.eval_lib import restore_for_inference, write_json
 from memlm_jax.models import infini_lm
 from memlm_jax.runtime import partitioning
+from memlm_jax.runtime import progress as progress_line
+
+
+def _log_progress(text: str) -> None:
+  logging.info(text)
+  progress_line.update(text.strip())
+
+
+def _log_result(text: str) -> None:
+  logging.info(text)
+  progress_line.done(text)
 
 
 def streaming_continue_fn(graphdef: nnx.GraphDef, params: Any, chunk_segments: int,
@@ -37,8 +48,8 @@ def streaming_continue_fn(graphdef: nnx.GraphDef, params: Any, chunk_segments: i
                             chunk_segments=chunk_segments)
 
   def report(done: int, total: int) -> None:
-    if done == total or done % (1 << 17) < streamer.chunk_length:
-      progress(f"  streamed {done:,}/{total:,} tokens")
+    if done == total or done % (1 << 15) < streamer.chunk_length:
+      progress(f"  passkey length {total - 1:,}: streamed {done:,}/{total:,} tokens (with BOS)")
 
   def continue_fn(prompts: np.ndarray, num_tokens: int) -> np.ndarray:
     prompts, lengths = prepend_bos(prompts, np.full((prompts.shape[0],), prompts.shape[1]))
@@ -77,14 +88,14 @@ def passkey_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
   net = nnx.merge(trainer.graphdef, params)
   with trainer.context():
     if hasattr(net, "init_memory"):
-      continue_fn = streaming_continue_fn(trainer.graphdef, params, chunk_segments, logging.info)
+      continue_fn = streaming_continue_fn(trainer.graphdef, params, chunk_segments, _log_progress)
       kind = f"Infini ({net.layers[0].attention.update_rule})"
     else:
       continue_fn = dense_continue_fn(trainer.graphdef, params, dense_chunk)
       kind = "dense"
     note = "" if max_context is None else f"{kind} evaluated up to {max_context} tokens (passkey_eval.max_context)"
     results = evaluate_passkey(continue_fn, builder, lengths, examples_per_bucket=examples_per_bucket, seed=seed,
-                               max_context=max_context, context_note=note, progress=logging.info)
+                               max_context=max_context, context_note=note, progress=_log_result)
   payload = {"model": label or kind, "step": step, "metric_note": "exact match of the key's digit tokens", **results}
   if jax.process_index() == 0:
     write_json(os.path.join(model_dir, "eval", f"passkey_step{step}.json"), payload)

@@ -26,8 +26,9 @@ from memlm_jax import gin_utils
 from memlm_jax.data import lm_dataset
 from memlm_jax.evaluation.perplexity import lm_metrics
 from memlm_jax.runtime import partitioning
+from memlm_jax.runtime import progress as progress_line
 from memlm_jax.runtime import train_state as train_state_lib
-from memlm_jax.runtime.checkpoints import Checkpointer
+from memlm_jax.runtime.checkpoints import Checkpointer, warm_start_params
 from memlm_jax.runtime.optimizers import make_optimizer
 from memlm_jax.runtime.summaries import MetricsLogger
 from memlm_jax.runtime.trainer import Trainer
@@ -61,7 +62,8 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
           mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh,
           checkpointer: Callable[[str], Checkpointer] = Checkpointer,
           accum_steps: int = 1, seed: int = 0, log_every_steps: int = 10,
-          eval_dataset: lm_dataset.DatasetConfig | None = None, eval_every_steps: int = 0) -> dict[str, float]:
+          eval_dataset: lm_dataset.DatasetConfig | None = None, eval_every_steps: int = 0,
+          init_from: str | None = None) -> dict[str, float]:
   """Trains `model` for `train_steps` optimizer updates; returns the last logged metrics.
 
   Args:
@@ -72,6 +74,9 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
     schedule: learning-rate schedule; `optimizer(schedule=schedule)` builds the optimizer.
     accum_steps: microbatches per update (the global batch is split accum_steps ways).
     eval_dataset, eval_every_steps: optional periodic validation perplexity.
+    init_from: another run's MODEL_DIR (or checkpoints dir): a run that starts without a
+      checkpoint of its own takes that run's newest parameters (optimizer and data fresh); the
+      model may have parameters the checkpoint lacks (they keep their init, and are listed).
   """
   if train_steps < 0:
     raise ValueError(f"train.train_steps must be >= 0, got {train_steps}.")
@@ -95,6 +100,10 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
       state = train_state_lib.init_train_state(model_fn, tx, shardings, seed)
     start = 0
     logging.info("No checkpoint in %s: initialised from seed %d.", model_dir, seed)
+    if init_from:
+      params, left_at_init = warm_start_params(init_from, state.params)
+      state = state.replace(params=params)
+      logging.info("Warm start: parameters from %s; left at init: %s.", init_from, left_at_init or "none")
   else:
     state, start = restored
     logging.info("Restored checkpoint at step %d.", start)
@@ -107,6 +116,8 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
   pending: list[tuple[int, dict]] = []  # (step number after the update, device metrics)
   last: dict[str, float] = {}
   window_tokens, window_start = 0.0, time.time()
+  run_name = os.path.basename(os.path.normpath(model_dir))
+  rate_start = (start, time.time())  # steps/s for the ETA, measured from the first step after the compile
 
   def check(upto: int) -> None:
     """Fetches pending metrics for steps <= upto; raises on a non-finite loss, gradient or
@@ -127,7 +138,18 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
         values["tokens_per_sec"] = window_tokens / elapsed
         logger.write(step, values)
         window_tokens, window_start = 0.0, time.time()
+        report_progress(step, values["loss"])
       last = values
+
+  def report_progress(step: int, loss: float) -> None:
+    nonlocal rate_start
+    if step - rate_start[0] <= log_every_steps and step < train_steps:
+      rate_start = (step, time.time())  # leave the compile out of the rate
+      rate = 0.0
+    else:
+      rate = (step - rate_start[0]) / max(time.time() - rate_start[1], 1e-9)
+    speed = f"  {rate:.1f} steps/s  ETA {progress_line.format_duration((train_steps - step) / rate)}" if rate else ""
+    progress_line.update(f"train {run_name}: step {step}/{train_steps}  loss {loss:.4f}{speed}")
 
   try:
     for step in range(start + 1, train_steps + 1):
@@ -147,6 +169,10 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
         logging.warning("Stopped at step %d after preemption; checkpoint saved.", step)
         break
     check(train_steps)
+    ckpt.wait()
+    loss_text = f"  loss {last['loss']:.4f}" if last else ""
+    progress_line.done(f"train {run_name}: step {ckpt.latest_step()}/{train_steps}{loss_text}  (checkpoints: "
+                       f"{model_dir}/checkpoints)")
   finally:
     preemption.restore()
     ckpt.close()

@@ -58,7 +58,8 @@ def memory_retrieve(q: jax.Array, mem: jax.Array, z: jax.Array) -> jax.Array:
 
 
 def memory_update(k: jax.Array, v: jax.Array, mem: jax.Array, z: jax.Array, delta: bool,
-                  mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  mask: jax.Array | None = None,
+                  write_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Writes one segment into memory (linear or delta rule).
 
   Args:
@@ -66,6 +67,9 @@ def memory_update(k: jax.Array, v: jax.Array, mem: jax.Array, z: jax.Array, delt
     mem: [batch, heads, d_k, d_v]; z: [batch, heads, d_k].
     delta: use the delta rule (write only what memory does not already retrieve for k).
     mask: optional [batch, seq], 1 for tokens to write, 0 for padding (written as nothing).
+    write_weights: optional [batch, seq] float, each token's sigma(k) is scaled by it in both
+      mem and z (1: the plain write). Under the linear rule, weight r equals writing the
+      token r times; training uses it to simulate haystacks longer than the sequence.
   Returns:
     (new_mem [batch, heads, d_k, d_v], new_z [batch, heads, d_k]) float32.
   """
@@ -75,6 +79,8 @@ def memory_update(k: jax.Array, v: jax.Array, mem: jax.Array, z: jax.Array, delt
     values = values - memory_retrieve(k, mem, z)
   if mask is not None:
     sigma_k = sigma_k * mask.astype(jnp.float32)[:, None, :, None]
+  if write_weights is not None:
+    sigma_k = sigma_k * write_weights.astype(jnp.float32)[:, None, :, None]
   new_mem = mem.astype(jnp.float32) + jnp.einsum("bhnk,bhnv->bhkv", sigma_k, values, precision=_HIGHEST)
   new_z = z.astype(jnp.float32) + sigma_k.sum(axis=2)
   return new_mem, new_z
@@ -125,13 +131,16 @@ class InfiniAttention(MultiHeadAttention):
   def init_memory(self, batch_size: int) -> InfiniMemory:
     return empty_memory(batch_size, self.num_kv_heads, self.head_dim, self.head_dim)
 
-  def __call__(self, x: jax.Array, memory: InfiniMemory, mask: jax.Array) -> tuple[jax.Array, InfiniMemory]:
+  def __call__(self, x: jax.Array, memory: InfiniMemory, mask: jax.Array,
+               write_weights: jax.Array | None = None) -> tuple[jax.Array, InfiniMemory]:
     """One segment.
 
     Args:
       x: [batch, seg_len, embed].
       memory: the memory before this segment.
       mask: [batch, seg_len], 1 for real tokens, 0 for padding (not attended to, not written).
+      write_weights: optional [batch, seg_len] float, each token's weight in the memory write
+        (see memory_update); None writes every real token once.
     Returns:
       ([batch, seg_len, embed], memory after this segment).
     """
@@ -146,5 +155,5 @@ class InfiniAttention(MultiHeadAttention):
     combined = gate * retrieved + (1.0 - gate) * local.astype(jnp.float32)
     to_heads_first = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731  [b, t, h, d] -> [b, h, t, d]
     new_mem, new_z = memory_update(to_heads_first(k), to_heads_first(v), memory.mem, memory.z,
-                                   delta=self.update_rule == "delta", mask=mask)
+                                   delta=self.update_rule == "delta", mask=mask, write_weights=write_weights)
     return self.out(combined.astype(self.dtype)), InfiniMemory(new_mem, new_z)

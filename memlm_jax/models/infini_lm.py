@@ -24,15 +24,16 @@ from memlm_jax.losses.cross_entropy import weighted_cross_entropy
 from memlm_jax.models.transformer_lm import DecoderLMBase, check_positive_sizes
 
 Memory = tuple[InfiniMemory, ...]  # one per layer
+WRITE_WEIGHTS = "memory_write_weights"  # optional batch feature [batch, time], see InfiniTransformerLM.loss
 
 
 class InfiniDecoderBlock(DecoderBlock):
   """Pre-norm decoder layer whose attention reads and writes an Infini memory."""
 
-  def __call__(self, x: jax.Array, memory: InfiniMemory, mask: jax.Array, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, InfiniMemory]:
-    """x: [batch, seg_len, embed]; mask: [batch, seg_len] -> ([batch, seg_len, embed], new memory)."""
-    attended, memory = self.attention(self.attention_norm(x), memory, mask)
+  def __call__(self, x: jax.Array, memory: InfiniMemory, mask: jax.Array, write_weights: jax.Array | None = None, *,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, InfiniMemory]:
+    """x: [batch, seg_len, embed]; mask, write_weights: [batch, seg_len] -> ([batch, seg_len, embed], new memory)."""
+    attended, memory = self.attention(self.attention_norm(x), memory, mask, write_weights)
     return self.add_attention_and_mlp(x, attended, deterministic=deterministic, rngs=rngs), memory
 
 
@@ -81,18 +82,20 @@ class InfiniTransformerLM(DecoderLMBase):
       return 0.0
     return self.num_layers * 2 * self.head_dim * self.head_dim * (self.num_heads + self.num_kv_heads)
 
-  def _segment(self, tokens: jax.Array, memory: Memory, mask: jax.Array, deterministic: bool,
-               rngs: nnx.Rngs | None) -> tuple[jax.Array, Memory]:
-    """tokens, mask [batch, seg_len] -> (hidden [batch, seg_len, embed] before the final norm, memory)."""
+  def _segment(self, tokens: jax.Array, memory: Memory, mask: jax.Array, write_weights: jax.Array | None,
+               deterministic: bool, rngs: nnx.Rngs | None) -> tuple[jax.Array, Memory]:
+    """tokens, mask, write_weights [batch, seg_len] -> (hidden [batch, seg_len, embed] before the final norm,
+    memory)."""
     x = self.embed_tokens(tokens, deterministic=deterministic, rngs=rngs)
     new_memory = []
     for layer, layer_memory in zip(self.layers, memory):
-      x, layer_memory = layer(x, layer_memory, mask, deterministic=deterministic, rngs=rngs)
+      x, layer_memory = layer(x, layer_memory, mask, write_weights, deterministic=deterministic, rngs=rngs)
       new_memory.append(layer_memory)
     return x, tuple(new_memory)
 
   def __call__(self, tokens: jax.Array, memory: Memory | None = None, mask: jax.Array | None = None, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Memory]:
+               write_weights: jax.Array | None = None, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Memory]:
     """Runs the segments of `tokens` in order, starting from `memory` (empty if None).
 
     Args:
@@ -100,6 +103,9 @@ class InfiniTransformerLM(DecoderLMBase):
       memory: the state returned by a previous call (streaming) or None.
       mask: [batch, time], 1 for real tokens, 0 for padding (padding is neither attended to nor
         written into memory); None means all real.
+      write_weights: optional [batch, time] float, each token's weight in the memory writes
+        (memory_update); None writes every real token once. A training-time feature: the
+        passkey task uses it to make filler segments count as a longer haystack.
     Returns:
       (logits [batch, time, vocab] float32, memory after the last segment).
     """
@@ -114,13 +120,16 @@ class InfiniTransformerLM(DecoderLMBase):
     def by_segment(x):  # [batch, time, ...] -> [segments, batch, seg_len, ...]
       return jnp.swapaxes(x.reshape(batch, num_segments, self.segment_length, *x.shape[2:]), 0, 1)
 
-    segments = (by_segment(tokens), by_segment(mask))
+    segments = {"tokens": by_segment(tokens), "mask": by_segment(mask)}
+    if write_weights is not None:
+      segments["write_weights"] = by_segment(write_weights.astype(jnp.float32))
     if not deterministic:  # scan bodies cannot advance an outer Rngs: one dropout key per segment
-      segments += (jax.random.split(rngs.dropout(), num_segments),)
+      segments["dropout"] = jax.random.split(rngs.dropout(), num_segments)
 
     def body(carry, inputs):
-      segment_rngs = nnx.Rngs(dropout=inputs[2]) if not deterministic else None
-      hidden, carry = self._segment(inputs[0], carry, inputs[1], deterministic, segment_rngs)
+      segment_rngs = nnx.Rngs(dropout=inputs["dropout"]) if not deterministic else None
+      hidden, carry = self._segment(inputs["tokens"], carry, inputs["mask"], inputs.get("write_weights"),
+                                    deterministic, segment_rngs)
       return carry, hidden
 
     if self.remat:
@@ -131,12 +140,17 @@ class InfiniTransformerLM(DecoderLMBase):
 
   def loss(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
            rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-    """Summed next-token cross entropy; every example starts with an empty memory."""
+    """Summed next-token cross entropy; every example starts with an empty memory.
+
+    An optional `memory_write_weights` [batch, time] feature (aligned with
+    decoder_input_tokens) scales each token's memory write; absent, every token is written once.
+    """
     if "decoder_segment_ids" in batch:
       raise ValueError("InfiniTransformerLM needs unpacked examples (its memory would carry one document "
                        "into the next); set DatasetConfig.pack = False.")
     targets = batch["decoder_target_tokens"]
-    logits, _ = self(batch["decoder_input_tokens"], mask=targets != 0, deterministic=deterministic, rngs=rngs)
+    logits, _ = self(batch["decoder_input_tokens"], mask=targets != 0, write_weights=batch.get(WRITE_WEIGHTS),
+                     deterministic=deterministic, rngs=rngs)
     return weighted_cross_entropy(logits, targets, batch["decoder_loss_weights"])
 
 

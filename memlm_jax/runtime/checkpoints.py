@@ -58,6 +58,15 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
     self.iterator = iterator
 
 
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _flatten(tree: Any) -> dict[str, tuple[Any, Any]]:
+  """{'layers/0/attention/gate': (path, leaf)} of a nested params dict."""
+  return {_path_name(path): (path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 @gin.configurable
 class Checkpointer:
   """Save every `save_interval_steps`, keep the last `max_to_keep` plus every `keep_period`-th."""
@@ -112,6 +121,13 @@ class Checkpointer:
                                   partial_restore=True)
     return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"], step
 
+  def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{'layers/0/attention/gate': shape} of the parameters saved at `step` (reads metadata only)."""
+    metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    return {name: tuple(leaf.shape) for name, (_, leaf) in _flatten(tree["params"]).items()}
+
   def restore_latest(self, abstract_state: Any, iterator: SavableIterator | None = None) -> tuple[Any, int] | None:
     """Restores the newest checkpoint that reads back completely.
 
@@ -151,3 +167,49 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def warm_start_params(init_from: str, params: Any, step: int | None = None) -> tuple[Any, list[str]]:
+  """Params of another run's checkpoint mapped into `params` (a model's freshly initialised,
+  sharded params); returns (params, names of the parameters left at their initial values).
+
+  `init_from` is a MODEL_DIR (its checkpoints/ is read) or a checkpoints directory; `step`
+  None takes its newest step. Every saved parameter must exist in the model with the same
+  shape (one ValueError names the first that does not); parameters the checkpoint lacks
+  (e.g. Infini-attention gates when warm-starting from a dense LM) keep their init values.
+  Only the parameters are read: the optimizer state and the data position start fresh.
+  """
+  directory = os.path.join(init_from, "checkpoints") if os.path.isdir(os.path.join(init_from, "checkpoints")) \
+      else init_from
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"train.init_from {init_from!r} is not a model directory or a checkpoints directory.")
+  source = Checkpointer(directory)
+  try:
+    step = source.latest_step() if step is None else step
+    if step is None or step not in source.all_steps():
+      raise FileNotFoundError(f"train.init_from: no checkpoint for step {step} in {directory} "
+                              f"(have {source.all_steps()}).")
+    saved = source.param_shapes(step)
+    target = _flatten(params)
+    for name, shape in saved.items():
+      if name not in target:
+        raise ValueError(f"train.init_from: parameter {name!r} {shape} of {directory} (step {step}) does not "
+                         f"exist in the configured model; is it the same kind of model?")
+      if tuple(target[name][1].shape) != shape:
+        raise ValueError(f"train.init_from: parameter {name!r} has shape {shape} in {directory} (step {step}) "
+                         f"but {tuple(target[name][1].shape)} in the configured model.")
+    subset: dict = {}
+    for name in saved:
+      path, leaf = target[name]
+      node = subset
+      for key in path[:-1]:
+        node = node.setdefault(getattr(key, "key", getattr(key, "idx", key)), {})
+      node[getattr(path[-1], "key", getattr(path[-1], "idx", path[-1]))] = jax.ShapeDtypeStruct(
+          leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    restored, _ = source.restore_params(step, subset)
+  finally:
+    source.close()
+  restored_by_name = {name: leaf for name, (_, leaf) in _flatten(restored).items()}
+  left_at_init = sorted(set(target) - set(restored_by_name))
+  merged = jax.tree_util.tree_map_with_path(lambda path, leaf: restored_by_name.get(_path_name(path), leaf), params)
+  return merged, left_at_init

@@ -110,3 +110,16 @@ def _naive_validation_loss(model_dir, data):
       total -= float(jnp.sum(log_probs[jnp.arange(len(chunk)), chunk]))
       count += len(chunk)
   return total / count
+
+
+def test_quiet_launcher_shows_progress_lines_and_keeps_the_absl_log_in_the_model_dir(tmp_path):
+  data = lm_runs.corpus(str(tmp_path / "data"), train_docs=60, validation_docs=8)
+  model_dir = str(tmp_path / "quiet")
+  argv = lm_runs.launcher("train", FILES, lm_runs.tiny_bindings(data, model_dir, TRAIN_STEPS=3)) + ["--quiet"]
+  result = lm_runs.run(argv, timeout=240)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [line for line in result.stdout.splitlines() if line.strip()]
+  assert lines and lines[-1].startswith("train quiet: step 3/3  loss ") and len(lines) <= 3, result.stdout
+  assert not any("logging_writer" in line or "train_lib.py" in line for line in result.stdout.splitlines())
+  logs = glob.glob(os.path.join(model_dir, "logs", "*INFO*"))
+  assert logs and "Saving checkpoint for step 3" in open(logs[0]).read()

@@ -263,3 +263,24 @@ def test_long_haystack_and_passthrough_settings_are_checked_before_reading_data(
     lm_dataset.get_dataset(config)
   with pytest.raises(ValueError, match="needs pack=False"):
     lm_dataset.get_dataset(dataclasses.replace(config, pack=True))
+
+
+@pytest.mark.slow  # three short trainings and two evals
+def test_the_experiment_script_trains_both_stages_shares_stage_1_and_prints_the_table(tmp_path):
+  import subprocess
+  import sys
+  out = str(tmp_path / "exp")
+  argv = [sys.executable, "experiments/infini_passkey/run.py", "--variants=recipe,no_augmentation", "--seeds=0",
+          "--lengths=400", "--examples_per_bucket=1", f"--output_dir={out}", "--binding=TRAIN_STEPS = 2",
+          "--binding=warmup_cosine_schedule.warmup_steps = 1"]
+  result = subprocess.run(argv, cwd=lm_runs.REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.isdir(os.path.join(out, "recipe_seed0", "stage1"))
+  assert not os.path.exists(os.path.join(out, "no_augmentation_seed0", "stage1"))  # shares the recipe's
+  for variant in ("recipe", "no_augmentation"):
+    assert os.path.isdir(os.path.join(out, f"{variant}_seed0", "stage2", "checkpoints", "2"))
+    assert json.load(open(os.path.join(out, f"{variant}_seed0", "passkey.json")))["lengths"] == [400]
+  rows = [line.split("|")[1:-1] for line in open(os.path.join(out, "table.md")) if line.startswith("|")]
+  cells = {row[0].strip(): [c.strip() for c in row[1:]] for row in rows}
+  assert cells["Variant"] == ["Seed", "400"] and cells["recipe"][0] == cells["no_augmentation"][0] == "0"
+  assert all(0 <= int(cells[v][1]) <= 100 for v in ("recipe", "no_augmentation"))

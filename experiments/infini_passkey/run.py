@@ -41,15 +41,16 @@ SEARCH_PATHS = [os.path.join(REPO, "configs"), REPO]
 STAGE1, STAGE2 = "tiny/infini_passkey.gin", "tiny/infini_passkey_stage2.gin"
 BYTE_LENGTHS = list(range(300, 1001, 50))
 
-# variant -> (stage-1 gin, stage-2 gin or None, extra bindings for every stage and the eval)
+# variant -> (stage-1 gin, stage-2 gin or None, bindings for every stage and the eval, bindings for
+# stage 2 only). Variants without bindings of their own share the recipe's stage 1 (same seed).
 VARIANTS = {
-    "recipe": (STAGE1, STAGE2, []),
-    "linear": (STAGE1, STAGE2, ["InfiniTransformerLM.update_rule = 'linear'"]),
-    "no_augmentation": (STAGE1, STAGE2, ["passkey_task.long_haystack_probability = 0.0",
-                                         "train/DatasetConfig.passthrough_features = []"]),
+    "recipe": (STAGE1, STAGE2, [], []),
+    "linear": (STAGE1, STAGE2, ["InfiniTransformerLM.update_rule = 'linear'"], []),
+    "no_augmentation": (STAGE1, STAGE2, [], ["passkey_task.long_haystack_probability = 0.0",
+                                             "train/DatasetConfig.passthrough_features = []"]),
     "bytes": (STAGE1, STAGE2, ["PASSKEY_VOCABULARY = @byte_vocabulary()", "InfiniTransformerLM.vocab_size = 384",
-                               "SEQUENCE_LENGTH = 1024", f"passkey_task.lengths = {BYTE_LENGTHS}"]),
-    "dense": ("tiny/dense_passkey.gin", None, []),
+                               "SEQUENCE_LENGTH = 1024", f"passkey_task.lengths = {BYTE_LENGTHS}"], []),
+    "dense": ("tiny/dense_passkey.gin", None, [], []),
 }
 
 
@@ -58,17 +59,21 @@ def _parse(files: Sequence[str], bindings: Sequence[str]) -> None:
   gin_utils.parse_gin(files, bindings, SEARCH_PATHS)
 
 
-def run_one(variant: str, seed: int, lengths: Sequence[int], examples: int, output_dir: str) -> dict:
-  """Trains both stages of (variant, seed) (resuming) and returns its passkey results."""
-  stage1, stage2, extra = VARIANTS[variant]
+def run_one(variant: str, seed: int, lengths: Sequence[int], examples: int, output_dir: str,
+            bindings: Sequence[str] = ()) -> dict:
+  """Trains both stages of (variant, seed) (resuming) and returns its passkey results;
+  `bindings` (gin) apply on top of every variant (e.g. fewer steps for a smoke test)."""
+  stage1, stage2, extra, stage2_only = VARIANTS[variant]
   run_dir = os.path.join(output_dir, f"{variant}_seed{seed}")
-  common = extra + [f"train.seed = {seed}", f"passkey_task.seed = {seed}"]
-  final_dir = os.path.join(run_dir, "stage1")
+  common = extra + [f"train.seed = {seed}", f"passkey_task.seed = {seed}"] + list(bindings)
+  stage1_owner = variant if extra or stage1 != STAGE1 else "recipe"
+  final_dir = os.path.join(output_dir, f"{stage1_owner}_seed{seed}", "stage1")
   _parse(["runs/train.gin", stage1], common + [f"MODEL_DIR = {final_dir!r}"])
   train_lib.train(final_dir)
   if stage2 is not None:
     stage2_dir = os.path.join(run_dir, "stage2")
-    _parse(["runs/train.gin", stage2], common + [f"MODEL_DIR = {stage2_dir!r}", f"INIT_FROM = {final_dir!r}"])
+    _parse(["runs/train.gin", stage2], common + stage2_only + [f"MODEL_DIR = {stage2_dir!r}",
+                                                               f"INIT_FROM = {final_dir!r}"])
     train_lib.train(stage2_dir)
     final_dir = stage2_dir
   saved = os.path.join(run_dir, "passkey.json")
@@ -130,6 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--lengths", default="2048,8192,32768,131072,524288,1048576")
   parser.add_argument("--examples_per_bucket", type=int, default=4)
   parser.add_argument("--output_dir", default="runs/passkey_experiments")
+  parser.add_argument("--binding", action="append", default=[],
+                      help="extra gin binding for every run, e.g. --binding='TRAIN_STEPS = 10' (repeatable)")
   args = parser.parse_args(argv)
   variants = [v for v in args.variants.split(",") if v]
   unknown = [v for v in variants if v not in VARIANTS]
@@ -149,9 +156,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   results = {}
   for variant in variants:
     for seed in seeds:
-      results[(variant, seed)] = run_one(variant, seed, lengths, args.examples_per_bucket, args.output_dir)
+      results[(variant, seed)] = run_one(variant, seed, lengths, args.examples_per_bucket, args.output_dir,
+                                         args.binding)
   table = summary_table(results, lengths)
   print(table)
+  os.makedirs(args.output_dir, exist_ok=True)
   with open(os.path.join(args.output_dir, "table.md"), "w") as f:
     f.write(table + "\n")
   return 0

@@ -96,7 +96,8 @@ def passkey_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
     note = "" if max_context is None else f"{kind} evaluated up to {max_context} tokens (passkey_eval.max_context)"
     results = evaluate_passkey(continue_fn, builder, lengths, examples_per_bucket=examples_per_bucket, seed=seed,
                                max_context=max_context, context_note=note, progress=_log_result)
-  payload = {"model": label or kind, "step": step, "metric_note": "exact match of the key's digit tokens", **results}
+  note = "greedy; scored on the key's digit tokens (exact match: all right; token accuracy: the fraction right)"
+  payload = {"model": label or kind, "step": step, "metric_note": note, **results}
   if jax.process_index() == 0:
     write_json(os.path.join(model_dir, "eval", f"passkey_step{step}.json"), payload)
   return payload

@@ -143,11 +143,9 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
 
   def report_progress(step: int, loss: float) -> None:
     nonlocal rate_start
-    if step - rate_start[0] <= log_every_steps and step < train_steps:
-      rate_start = (step, time.time())  # leave the compile out of the rate
-      rate = 0.0
-    else:
-      rate = (step - rate_start[0]) / max(time.time() - rate_start[1], 1e-9)
+    if rate_start[0] == start:  # the first report: start the clock here, leaving the compile out of the rate
+      rate_start = (step, time.time())
+    rate = (step - rate_start[0]) / max(time.time() - rate_start[1], 1e-9)
     speed = f"  {rate:.1f} steps/s  ETA {progress_line.format_duration((train_steps - step) / rate)}" if rate else ""
     progress_line.update(f"train {run_name}: step {step}/{train_steps}  loss {loss:.4f}{speed}")
 

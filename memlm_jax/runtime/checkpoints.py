@@ -19,6 +19,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from memlm_jax.runtime.train_state import path_keys
+
 
 class SavableIterator(Protocol):
   def save(self, path: str) -> None: ...
@@ -59,7 +61,7 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 
 def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+  return "/".join(str(k) for k in path_keys(path))
 
 
 def _flatten(tree: Any) -> dict[str, tuple[Any, Any]]:
@@ -201,11 +203,11 @@ def warm_start_params(init_from: str, params: Any, step: int | None = None) -> t
     subset: dict = {}
     for name in saved:
       path, leaf = target[name]
+      *parents, last = path_keys(path)
       node = subset
-      for key in path[:-1]:
-        node = node.setdefault(getattr(key, "key", getattr(key, "idx", key)), {})
-      node[getattr(path[-1], "key", getattr(path[-1], "idx", path[-1]))] = jax.ShapeDtypeStruct(
-          leaf.shape, leaf.dtype, sharding=leaf.sharding)
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[last] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
     restored, _ = source.restore_params(step, subset)
   finally:
     source.close()

@@ -40,7 +40,8 @@ def abstract_model(model_fn: ModelFn, seed: int = 0) -> tuple[nnx.GraphDef, nnx.
   return graphdef, params
 
 
-def _keys(path) -> tuple:
+def path_keys(path) -> tuple:
+  """The plain keys (dict keys, list indices) of a jax tree path."""
   return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
@@ -51,11 +52,11 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: dict, param_sh
   by_path = {}
   for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                                     jax.tree.leaves(param_shardings)):
-    by_path[_keys(path)] = (leaf.shape, sharding)
+    by_path[path_keys(path)] = (leaf.shape, sharding)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def one(path, leaf):
-    keys = _keys(path)
+    keys = path_keys(path)
     for start in range(len(keys)):
       match = by_path.get(keys[start:])
       if match is not None and match[0] == leaf.shape:

@@ -18,7 +18,8 @@ GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in orde
 GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files.")
 QUIET = flags.DEFINE_bool("quiet", False, "Show only progress lines and results on the terminal; the full absl log "
                           "goes to MODEL_DIR/logs/.")
-GIN_SEARCH_PATHS = flags.DEFINE_list("gin_search_paths", [os.path.join(_REPO_ROOT, "configs"), ".", _REPO_ROOT],
+CONFIG_DIR = os.path.join(_REPO_ROOT, "configs")
+GIN_SEARCH_PATHS = flags.DEFINE_list("gin_search_paths", [CONFIG_DIR, ".", _REPO_ROOT],
                                      "Directories searched for --gin_file and gin `include`s.")
 
 
@@ -72,6 +73,19 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
     gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=True)
   except (ValueError, SyntaxError, OSError, TypeError, KeyError) as error:
     raise GinConfigError("Gin config error: " + _one_line(error)) from None
+
+
+def read_binding(gin_file: str, name: str, search_paths: Sequence[str] = (CONFIG_DIR,)) -> Any:
+  """The value `gin_file` binds to `name` (e.g. 'Partitioner.logical_axis_rules'), read without
+  touching the global gin config (for scripts and tests that build objects directly)."""
+  path = _find(gin_file, search_paths)
+  with open(path) as f:
+    parser = gin.config_parser.ConfigParser(f.read(), gin.config.ParserDelegate(skip_unknown=True))
+    for statement in parser:
+      if isinstance(statement, gin.config_parser.BindingStatement):
+        if f"{statement.selector}.{statement.arg_name}" == name:
+          return statement.value
+  raise GinConfigError(f"{path} does not bind {name!r}.")
 
 
 def parse_flags_and_gin() -> None:

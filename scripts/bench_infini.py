@@ -64,7 +64,7 @@ if _REPO_ROOT not in sys.path:
 from memlm_jax.decoding import kv_cache  # noqa: E402
 from memlm_jax.decoding.lm_decoding import MemoryStreamer  # noqa: E402
 from memlm_jax.models.infini_lm import InfiniTransformerLM, streaming_apply_fn  # noqa: E402
-from memlm_jax.models.transformer_lm import TransformerLM  # noqa: E402
+from memlm_jax.models.transformer_lm import TransformerLM, extend_apply_fn  # noqa: E402
 
 # configs/tiny/infini_lm.gin and configs/tiny/transformer_lm.gin (other arguments: the models' defaults,
 # which are what configs/models/*.gin set).
@@ -172,12 +172,12 @@ def _measure_dense(length: int, counter: _CompileCounter) -> tuple[list[float], 
   """Chunk-by-chunk cached forward over `length` tokens (rounded up to whole chunks and key blocks)."""
   model = _build(DENSE)
   graphdef, params = nnx.split(model)
-  runner = kv_cache.CachedLM(graphdef, key_block=_KEY_BLOCK.value)
+  runner = kv_cache.CachedLM(extend_apply_fn(graphdef))
   max_length, chunk = _dense_cache_length(length), _DENSE_CHUNK.value
 
   def run(num_chunks):
     rng = np.random.default_rng(_SEED.value)
-    cache = kv_cache.init_cache(model, 1, max_length)
+    cache = model.init_cache(1, max_length, key_block=_KEY_BLOCK.value)
     for offset in range(0, num_chunks * chunk, chunk):
       tokens = rng.integers(1, model.vocab_size, (1, chunk), dtype=np.int32)
       cache = runner.advance(params, tokens, cache, offset)
@@ -188,7 +188,7 @@ def _measure_dense(length: int, counter: _CompileCounter) -> tuple[list[float], 
   times = _timed(counter, lambda: run(max_length // chunk), _DENSE_REPEATS.value)
   return times, {"rss_after_warmup_mb": rss_after_warmup, "chunk_tokens": chunk, "calls": max_length // chunk,
                    "cache_length": max_length, "key_block": _KEY_BLOCK.value,
-                   "state_bytes": kv_cache.cache_bytes(model, 1, max_length), "traces": runner.num_traces}
+                   "state_bytes": model.cache_bytes(1, max_length), "traces": runner.num_traces}
 
 
 def _worker(model: str, length: int, result_file: str) -> None:
@@ -209,7 +209,7 @@ def _worker(model: str, length: int, result_file: str) -> None:
 
 def _dense_cache_mb(length: int) -> float:
   abstract = nnx.eval_shape(lambda: _build(DENSE))
-  return kv_cache.cache_bytes(abstract, 1, _dense_cache_length(length)) / 2**20
+  return abstract.cache_bytes(1, _dense_cache_length(length)) / 2**20
 
 
 def _skip_reason(model: str, length: int) -> str | None:

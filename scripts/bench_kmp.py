@@ -71,7 +71,7 @@ if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
 
 from memlm_jax.decoding.kmp import PhraseTable, kmp_fusion, make_phrase_table  # noqa: E402
-from memlm_jax.decoding.transducer_beam import BLANK_ID  # noqa: E402
+from memlm_jax.losses.rnnt import BLANK_ID  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -122,7 +122,7 @@ def joint(params: dict, enc: jax.Array, pred: jax.Array) -> jax.Array:
 
 
 def naive_rnnt_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array,
-                    label_paddings: jax.Array, blank_id: int = 0) -> jax.Array:
+                    label_paddings: jax.Array, blank_id: int = rnnt.BLANK_ID) -> jax.Array:
   """Per-example NLL [batch]: full log-softmax, alpha by a scan over frames and an inner scan over labels.
 
   Args:

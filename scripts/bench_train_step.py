@@ -45,6 +45,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
 
+from memlm_jax import gin_utils  # noqa: E402
 from memlm_jax import registry  # noqa: E402,F401  (registers every gin configurable)
 from memlm_jax.runtime import optimizers, partitioning  # noqa: E402
 from memlm_jax.runtime import train_state as train_state_lib  # noqa: E402
@@ -144,23 +145,24 @@ def bench_one(name: str, *, batch_size: int | None, seq_len: int | None, steps: 
     raise app.UsageError(f"--batch_size={batch_size} is not divisible by the {n_dev} devices of the data axis.")
   if batch_size % jax.process_count():
     raise app.UsageError(f"--batch_size={batch_size} is not divisible by {jax.process_count()} processes.")
-  rules = partitioning.logical_axis_rules()
+  parts = partitioning.Partitioner(
+      gin_utils.read_binding("mesh/logical_axis_rules.gin", "Partitioner.logical_axis_rules"), mesh=mesh)
   schedule = optimizers.warmup_cosine_schedule()
   tx = optimizers.make_optimizer(schedule=schedule)
 
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(seed)))
   graphdef, abstract_params = train_state_lib.abstract_model(model_fn, seed)
-  _, shardings = train_state_lib.state_shardings((graphdef, abstract_params), tx, mesh, rules)
-  trainer = Trainer(graphdef, tx, schedule, mesh, rules, shardings, accum_steps=1, dropout_seed=seed + 1)
+  _, shardings = parts.train_state_shardings(abstract_params, tx)
+  trainer = Trainer(graphdef, tx, schedule, parts, shardings, accum_steps=1, dropout_seed=seed + 1)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
-  with trainer.context():
+  with parts.context():
     state = train_state_lib.init_train_state(model_fn, tx, shardings, seed)
   jax.block_until_ready(state)
 
   local_batch = batch_size // jax.process_count()
   rng = np.random.default_rng(seed + jax.process_index())
-  batches = [trainer.global_batch(_synthetic_batch(rng, local_batch, seq_len, abstract_model.vocab_size))
+  batches = [parts.global_batch(_synthetic_batch(rng, local_batch, seq_len, abstract_model.vocab_size))
              for _ in range(2)]
   jax.block_until_ready(batches)
 

@@ -1,109 +1,22 @@
-r"""KMP biasing table (experiments/kmp_synthetic): WER, B-WER and U-WER without and with KMP
-biasing, on the utterances' own bias lists and on the anti-biasing lists, from asr_eval's JSON.
+r"""KMP biasing table (experiments/kmp_synthetic) from asr_eval's JSON; the table code is
+memlm_jax/evaluation/kmp_table.py.
 
   python scripts/kmp_table.py runs/asr/eval [--split=test] [--beam_size=4] [--step=N]
 
 Reads every MODEL_DIR/eval/asr_*.json of that split and beam width (the newest step unless
---step) and prints one row per biasing setting (no biasing, then shallow / rescore at each
-delta); the 'anti' columns come from the runs with asr_eval.bias_lists='anti'. Values are %.
-The unbiased run fills both column groups: without biasing the lists change nothing, and
-B-WER / U-WER are always measured against the utterance's own bias list.
+--step) and prints one row per biasing setting (values in %).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import sys
 from typing import Optional, Sequence
 
-Setting = tuple[Optional[str], Optional[int], float]  # (mode, top_k, delta); mode None = no biasing
-METRICS = ("wer", "b_wer", "u_wer")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def load_results(eval_dir: str, split: str = "test", beam_size: int = 4, step: int | None = None) -> list[dict]:
-  """The asr_eval payloads in eval_dir for split and beam_size at `step` (None: the newest step)."""
-  results = []
-  for path in sorted(glob.glob(os.path.join(eval_dir, "asr_*.json"))):
-    with open(path) as f:
-      payload = json.load(f)
-    if payload.get("split") == split and payload.get("beam_size") == beam_size:
-      results.append(payload)
-  if not results:
-    raise ValueError(f"no asr_eval results for split {split!r} and beam {beam_size} in {eval_dir!r}.")
-  step = max(r["step"] for r in results) if step is None else step
-  chosen = [r for r in results if r["step"] == step]
-  if not chosen:
-    raise ValueError(f"no asr_eval results at step {step} in {eval_dir!r} (have steps "
-                     f"{sorted({r['step'] for r in results})}).")
-  return chosen
-
-
-def setting_of(payload: dict) -> Setting:
-  """(mode, top_k, delta) of a payload; (None, None, 0.0) without biasing."""
-  delta = float(payload.get("biasing_delta") or 0.0)
-  if delta == 0:
-    return (None, None, 0.0)
-  return (payload["biasing_mode"], payload.get("biasing_top_k"), delta)
-
-
-def setting_label(setting: Setting) -> str:
-  mode, top_k, delta = setting
-  if mode is None:
-    return "no biasing"
-  top = "" if top_k is None else f" top-{top_k}"
-  return f"KMP {mode}{top}, delta={delta:g}"
-
-
-def _sort_key(setting: Setting) -> tuple:
-  mode, top_k, delta = setting
-  return (mode is not None, mode != "shallow", top_k or 0, delta)
-
-
-def _percent(payload: dict | None, metric: str) -> str:
-  if payload is None or metric not in payload:
-    return "-"
-  return f"{100 * payload[metric]:.2f}"
-
-
-def table_rows(results: Sequence[dict]) -> list[list[str]]:
-  """[setting, WER, B-WER, U-WER, anti WER, anti B-WER, anti U-WER] per setting, unbiased first."""
-  own: dict[Setting, dict] = {}
-  anti: dict[Setting, dict] = {}
-  for payload in results:
-    setting = setting_of(payload)
-    if setting[0] is None:
-      own[setting] = anti[setting] = payload
-    else:
-      (anti if payload.get("bias_lists") == "anti" else own)[setting] = payload
-  rows = []
-  for setting in sorted(set(own) | set(anti), key=_sort_key):
-    rows.append([setting_label(setting)] + [_percent(own.get(setting), m) for m in METRICS]
-                + [_percent(anti.get(setting), m) for m in METRICS])
-  return rows
-
-
-HEADER = ["Setting", "WER", "B-WER", "U-WER", "anti WER", "anti B-WER", "anti U-WER"]
-
-
-def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-  """Markdown table with columns padded to the widest cell."""
-  widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-
-  def render(cells):
-    return "| " + " | ".join(f"{cell!s:<{width}}" for cell, width in zip(cells, widths)) + " |"
-
-  return "\n".join([render(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                   + [render(row) for row in rows])
-
-
-def format_table(results: Sequence[dict]) -> str:
-  first = results[0]
-  title = (f"{first.get('task')} {first['split']} split, step {first['step']}, beam {first['beam_size']}, "
-           f"{first['utterances']} utterances (values in %)")
-  return title + "\n\n" + markdown(HEADER, table_rows(results))
+from memlm_jax.evaluation.kmp_table import format_table, load_results  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

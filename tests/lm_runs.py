@@ -50,6 +50,13 @@ def run(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
   return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def partitioner(mesh):
+  """A Partitioner on `mesh` with the standard rules of configs/mesh/logical_axis_rules.gin."""
+  from memlm_jax.runtime.partitioning import Partitioner  # pylint: disable=g-import-not-at-top
+  rules = gin_utils.read_binding("mesh/logical_axis_rules.gin", "Partitioner.logical_axis_rules")
+  return Partitioner(rules, mesh=mesh)
+
+
 ONE_DEVICE = ["make_mesh.num_devices = 1", "make_mesh.data = 1"]
 FSDP2_TENSOR4 = ["make_mesh.data = 1", "make_mesh.fsdp = 2", "make_mesh.tensor = 4"]
 

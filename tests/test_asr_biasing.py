@@ -3,9 +3,11 @@ anti-biasing lists against a naive word-run check, and asr_eval end to end on a 
 corpus with a randomly initialized transducer (checkpoint written directly, no training),
 ending with scripts/kmp_table.py on the JSON it wrote."""
 
+import importlib.util
 import json
 import os
 
+import gin
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,10 +15,13 @@ import soundfile
 from flax import nnx
 
 from memlm_jax.decoding import kmp
+from memlm_jax.evaluation import bias_lists
 from memlm_jax.launch import asr_lib
+from memlm_jax.launch.biasing import BIAS_LISTS, KmpBiasing, kmp_sweep
 from memlm_jax.models.transducer import Transducer
 from memlm_jax.runtime.checkpoints import Checkpointer
-from scripts import kmp_table
+from memlm_jax.evaluation import kmp_table
+from scripts import kmp_table as kmp_table_script
 from tests import lm_runs
 
 TINY = ["ConformerEncoder.model_dim = 16", "ConformerEncoder.num_heads = 2", "ConformerEncoder.num_layers = 1",
@@ -40,24 +45,39 @@ def _word_run(phrase: str, text: str) -> bool:
 
 
 def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own_file_name():
-  required = dict(model=None, task_name="t", vocabulary=None, max_audio_samples=1, max_target_length=1)
-  for bad, match in ((dict(biasing_mode="deep"), "biasing_mode must be one of"),
+  for bad, match in ((dict(mode="deep"), "mode must be one of"),
                      (dict(bias_lists="others"), "bias_lists must be one of"),
-                     (dict(biasing_delta=-1.0), "biasing_delta must be"),
-                     (dict(biasing_delta=1.0, biasing_mode="rescore", biasing_top_k=4), "biasing_top_k=4 needs"),
-                     (dict(biasing_delta=1.0, max_phrases=0), "max_phrases must be >= 1")):
+                     (dict(delta=-1.0), "delta must be"),
+                     (dict(mode="rescore", top_k=4), "top_k=4 needs"),
+                     (dict(chain_width=0), "chain_width must be >= 1")):
+    with pytest.raises(ValueError, match=match):
+      KmpBiasing(**{"delta": 1.0, **bad})
+  required = dict(model=None, task_name="t", vocabulary=None, max_audio_samples=1, max_target_length=1)
+  for bad, match in ((dict(beam_size=0), "beam_size must be >= 1"), (dict(beam_method="x"), "beam_method must be")):
     with pytest.raises(ValueError, match=match):
       asr_lib.asr_eval("/nonexistent/model_dir", **required, **bad)
-  with pytest.raises(ValueError, match="biasing_mode must be one of"):
-    asr_lib.make_biased_decoder(None, beam_size=2, max_symbols_per_frame=2, max_output_length=4, mode="deep")
+  # A gin binding is checked when gin builds the object, before asr_eval reads anything.
+  gin.parse_config("asr_eval.biasing = @KmpBiasing()\nKmpBiasing.delta = -1.0")
+  with pytest.raises(ValueError, match="delta must be"):
+    asr_lib.asr_eval("/nonexistent/model_dir", **required)
 
-  settings = [asr_lib.KmpBiasing(delta, mode, top_k, lists)
-              for delta in (0.5, 1.0, 2.0, 4.0) for lists in asr_lib.BIAS_LISTS
+  settings = [KmpBiasing(delta, mode, top_k, lists)
+              for delta in (0.5, 1.0, 2.0, 4.0) for lists in BIAS_LISTS
               for mode, top_k in (("shallow", None), ("shallow", 8), ("rescore", None))]
   names = [s.name for s in settings]
   assert len(set(names)) == len(names) and "" not in names
-  assert asr_lib.KmpBiasing(0.5).name == "_kmp0.5shallow"
-  assert asr_lib.KmpBiasing(0.0, "rescore", bias_lists="anti").name == ""  # off: the unbiased file
+  assert KmpBiasing(0.5).name == "_kmp0.5shallow"
+  assert KmpBiasing(0.0, "rescore", bias_lists="anti").name == ""  # off: the unbiased file
+
+
+def test_a_sweep_lists_no_biasing_then_every_delta_of_each_mode_for_each_list_kind():
+  gin.parse_config("KmpBiasing.top_k = 8\nKmpBiasing.anti_seed = 3")
+  settings = kmp_sweep(shallow_deltas=[0.5, 1.0], rescore_deltas=[2.0])
+  assert settings[0] is None
+  assert [s.name for s in settings[1:]] == ["_kmp0.5shallow_top8", "_kmp1shallow_top8", "_kmp2rescore",
+                                            "_kmp0.5shallow_top8_anti", "_kmp1shallow_top8_anti", "_kmp2rescore_anti"]
+  assert {s.anti_seed for s in settings[1:]} == {3}
+  assert len({s.decoder_key for s in settings[1:]}) == 2  # one compiled decoder per mode
 
 
 # ----------------------------------------------------------------------------- anti-biasing lists
@@ -71,7 +91,7 @@ def test_anti_lists_hold_only_other_utterances_phrases_absent_from_the_transcrip
   ids = [f"utt{i}" for i in rng.permutation(1000)[:count]]
   texts = [" ".join(rng.choice(words, size=rng.integers(2, 8))) for _ in range(count)]
   lists = [list(rng.choice(phrases, size=rng.integers(0, 5), replace=False)) for _ in range(count)]
-  anti = asr_lib.anti_bias_lists(ids, texts, lists, seed=3)
+  anti = bias_lists.anti_bias_lists(ids, texts, lists, seed=3)
 
   for u in range(count):
     others = {p for v in range(count) if v != u for p in lists[v]}
@@ -81,12 +101,33 @@ def test_anti_lists_hold_only_other_utterances_phrases_absent_from_the_transcrip
   assert any(anti)  # the draw is not vacuous
   # Same lists whatever the order of the utterances, and on every call.
   order = rng.permutation(count)
-  shuffled = asr_lib.anti_bias_lists([ids[i] for i in order], [texts[i] for i in order],
+  shuffled = bias_lists.anti_bias_lists([ids[i] for i in order], [texts[i] for i in order],
                                      [lists[i] for i in order], seed=3)
   assert [shuffled[list(order).index(u)] for u in range(count)] == anti
-  assert asr_lib.anti_bias_lists(ids, texts, lists, seed=3) == anti
+  assert bias_lists.anti_bias_lists(ids, texts, lists, seed=3) == anti
   with pytest.raises(ValueError, match="distinct utterance ids"):
-    asr_lib.anti_bias_lists(["a", "a"], ["x", "y"], [["p"], ["q"]])
+    bias_lists.anti_bias_lists(["a", "a"], ["x", "y"], [["p"], ["q"]])
+
+
+class WordVocabulary:
+  """A tiny word-level vocabulary with an unknown id (duck-types seqio.Vocabulary)."""
+  words = ["<pad>", "<eos>", "<unk>", "call", "mom", "play"]
+  unk_id, vocab_size = 2, 6
+
+  def encode(self, text):
+    return [self.words.index(w) if w in self.words else self.unk_id for w in text.lower().split()]
+
+  def decode(self, ids):
+    return " ".join(self.words[i] for i in ids)
+
+
+def test_phrases_whose_tokens_do_not_spell_them_are_refused():
+  vocabulary = WordVocabulary()
+  bias_lists.check_spelling("call  mom", vocabulary.encode("call mom"), vocabulary)
+  with pytest.raises(ValueError, match="'call bob'.*unknown"):
+    bias_lists.check_spelling("call bob", vocabulary.encode("call bob"), vocabulary)
+  with pytest.raises(ValueError, match="'Call Mom'.*decodes back"):
+    bias_lists.check_spelling("Call Mom", vocabulary.encode("Call Mom"), vocabulary)
 
 
 # ----------------------------------------------------------------------------- the biased decoder
@@ -116,7 +157,7 @@ def test_delta_zero_is_the_plain_beam_search_and_a_huge_shallow_bonus_spells_an_
   tokens = rng.permutation(np.arange(1, vocab_size))[:batch * 6].reshape(batch, 2, 3)
   table = kmp.make_batched_phrase_table(tokens.tolist(), vocab_size, max_phrases=4, max_phrase_length=5,
                                         chain_width=5)
-  biased = asr_lib.make_biased_decoder(graphdef, mode=mode, top_k=top_k, **sizes)
+  biased = asr_lib.make_decoder(graphdef, biasing=KmpBiasing(1.0, mode, top_k), **sizes)
 
   want = plain(params, audio, paddings)
   got = biased(params, audio, paddings, table, 0.0)
@@ -161,9 +202,9 @@ def eval_setup(tmp_path_factory):
   model_dir = str(root / "model")
   config = (["runs/asr_eval.gin", "tiny/transducer_synthetic.gin"], TINY + [
       f"TRAIN_MANIFEST = {manifest}", f"DEV_MANIFEST = {manifest}", f"TEST_MANIFEST = {manifest}",
-      "SPEECH_VOCABULARY = @byte_vocabulary()", "VOCAB_SIZE = 259", "SEQUENCE_LENGTH = 8000",
-      "TARGETS_LENGTH = 24", "EVAL_BATCH_SIZE = 8", "asr_eval.beam_size = 2", "asr_eval.max_phrases = 4",
-      "asr_eval.max_phrase_length = 8"])
+      "SPEECH_VOCABULARY = @byte_vocabulary()", "VOCAB_SIZE = 259", "MAX_AUDIO_SAMPLES = 8000",
+      "MAX_TARGET_LENGTH = 24", "EVAL_BATCH_SIZE = 8", "asr_eval.beam_size = 2", "speech_dataset.max_phrases = 4",
+      "speech_dataset.max_phrase_length = 8"])
   lm_runs.parse(*config)
   with nnx.use_eager_sharding(False):
     params = nnx.state(Transducer(rngs=nnx.Rngs(1)), nnx.Param).to_pure_dict()
@@ -182,9 +223,8 @@ def test_asr_eval_boosts_own_or_anti_lists_names_each_run_apart_and_the_table_re
   root, model_dir, config = eval_setup
   lm_runs.parse(*config)
   references = {json.loads(line)["id"]: json.loads(line) for line in open(root / "test.jsonl")}
-  asr_lib.asr_eval(model_dir)
-  asr_lib.asr_eval(model_dir, biasing_delta=HUGE_DELTA)
-  asr_lib.asr_eval(model_dir, biasing_delta=HUGE_DELTA, bias_lists="anti")
+  # One process, one restore: the unbiased decoder and one biased decoder for both lists.
+  runs = asr_lib.asr_eval(model_dir, biasing=[None, KmpBiasing(HUGE_DELTA), KmpBiasing(HUGE_DELTA, bias_lists="anti")])
 
   plain, plain_rows = _results(model_dir, "")
   own, own_rows = _results(model_dir, "_kmp1000shallow")
@@ -193,6 +233,7 @@ def test_asr_eval_boosts_own_or_anti_lists_names_each_run_apart_and_the_table_re
   assert (own["biasing_delta"], own["biasing_mode"], own["biasing_top_k"], own["bias_lists"]) == (
       HUGE_DELTA, "shallow", None, "utterance")
   assert anti["bias_lists"] == "anti"
+  assert runs == {"runs": json.loads(json.dumps([plain, own, anti]))}
   for payload in (plain, own, anti):
     assert payload["utterances"] == len(references) and {"b_wer", "u_wer"} <= set(payload)
 
@@ -214,5 +255,21 @@ def test_asr_eval_boosts_own_or_anti_lists_names_each_run_apart_and_the_table_re
   assert [r[0] for r in rows] == ["no biasing", "KMP shallow, delta=1000"]
   assert rows[0][1:4] == rows[0][4:] == [f"{100 * plain[m]:.2f}" for m in kmp_table.METRICS]
   assert rows[1][1:] == [f"{100 * p[m]:.2f}" for p in (own, anti) for m in kmp_table.METRICS]
-  assert kmp_table.main([os.path.join(model_dir, "eval"), "--beam_size=2"]) == 0
-  assert kmp_table.main([os.path.join(model_dir, "eval"), "--beam_size=3"]) == 1
+  assert kmp_table_script.main([os.path.join(model_dir, "eval"), "--beam_size=2"]) == 0
+  assert kmp_table_script.main([os.path.join(model_dir, "eval"), "--beam_size=3"]) == 1
+
+
+@pytest.mark.slow  # a second sweep over the fixture (about a minute on 2 CPU cores)
+def test_the_kmp_experiment_script_runs_its_sweep_in_one_process_and_prints_the_table(eval_setup):
+  _, model_dir, (_, bindings) = eval_setup
+  spec = importlib.util.spec_from_file_location("kmp_run",
+                                                os.path.join(lm_runs.REPO, "experiments/kmp_synthetic/run.py"))
+  kmp_run = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(kmp_run)
+  tables = kmp_run.run_sweep(model_dir, ["test"], bindings + [f"kmp_sweep.shallow_deltas = [{HUGE_DELTA}]",
+                                                             "kmp_sweep.rescore_deltas = [2.0]"])
+  eval_dir = os.path.join(model_dir, "eval")
+  assert tables["test"] == kmp_table.format_table(kmp_table.load_results(eval_dir, "test", 2))
+  assert open(os.path.join(eval_dir, "kmp_table_test.md")).read() == tables["test"] + "\n"
+  assert [row[0] for row in kmp_table.table_rows(kmp_table.load_results(eval_dir, "test", 2))] == [
+      "no biasing", "KMP shallow, delta=1000", "KMP rescore, delta=2"]

@@ -29,8 +29,7 @@ def _abstract_state(tmp_path, model_dir):
   model = gin.query_parameter("%MODEL").scoped_configurable_fn
   schedule = gin.query_parameter("train.schedule").scoped_configurable_fn()
   graphdef, abstract_params = train_state_lib.abstract_model(lambda rngs: model(rngs=rngs))
-  abstract, _ = train_state_lib.state_shardings((graphdef, abstract_params), make_optimizer(schedule=schedule),
-                                                partitioning.make_mesh(), partitioning.logical_axis_rules())
+  abstract, _ = partitioning.Partitioner().train_state_shardings(abstract_params, make_optimizer(schedule=schedule))
   return abstract
 
 

@@ -155,6 +155,39 @@ def test_self_attention_is_bidirectional_and_masks_keys():
   assert not np.any(np.asarray(base[0, 6:]))  # padded query rows attend to nothing
 
 
+def np_rope(x: np.ndarray, max_wavelength: float = 10_000.0) -> np.ndarray:
+  """Half-split RoPE of x [batch, time, heads, dim] at positions 0..time-1: pair (j, j + half) turns by
+  t * max_wavelength**(-j / half)."""
+  time, half = x.shape[1], x.shape[-1] // 2
+  theta = np.arange(time)[:, None] * max_wavelength ** (-np.arange(half) / half)  # [time, half]
+  c, s = np.cos(theta)[None, :, None], np.sin(theta)[None, :, None]
+  a, e = x[..., :half], x[..., half:]
+  return np.concatenate([a * c - e * s, e * c + a * s], axis=-1)
+
+
+def test_self_attention_matches_a_softmax_reference():
+  """SelfAttention (LayerNorm, then MultiHeadAttention under a key padding mask) == softmax attention over the
+  valid frames written out in NumPy from the layer's own weights; padded query rows are zero."""
+  attention = build(SelfAttention, 16, 2, dropout_rate=0.0, dtype=jnp.float32, seed=4)
+  rng = np.random.default_rng(4)
+  frames = 7
+  paddings = paddings_for([7, 4], frames)
+  x = rng.standard_normal((2, frames, 16)).astype(np.float32)
+  got = np.asarray(forward(attention, jnp.asarray(x), jnp.asarray(paddings), deterministic=True, rngs=None))
+  h = np.asarray(attention.norm(jnp.asarray(x)), np.float64)
+  mha = attention.attention
+  q, k, v = (np.einsum("bte,ehd->bthd", h, np.asarray(proj.kernel[...], np.float64))
+             for proj in (mha.query, mha.key, mha.value))
+  scores = np.einsum("bqhd,bkhd->bhqk", np_rope(q), np_rope(k)) / np.sqrt(q.shape[-1])
+  valid = paddings == 0
+  scores = np.where(valid[:, None, None, :], scores, -np.inf)
+  weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+  weights /= weights.sum(axis=-1, keepdims=True)
+  want = np.einsum("bhqk,bkhd,hde->bqe", weights, v, np.asarray(mha.out.kernel[...], np.float64))
+  np.testing.assert_allclose(got[valid], want[valid], atol=1e-5)
+  assert not np.any(got[~valid])
+
+
 def test_encoder_valid_outputs_ignore_padded_inputs_and_padded_outputs_are_zero():
   encoder = tiny_encoder(seed=3)
   rng = np.random.default_rng(3)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from memlm_jax.layers.attention import causal_segment_mask
 from memlm_jax.layers.infini_attention import InfiniAttention, memory_retrieve, memory_update
 from memlm_jax.models.infini_lm import InfiniTransformerLM
 from memlm_jax.models.transformer_lm import TransformerLM
@@ -186,6 +187,13 @@ def np_infini_layer(layer: InfiniAttention, x: np.ndarray, mask: np.ndarray, seg
   return outputs, memories
 
 
+def segment_mask_and_positions(mask):
+  """A segment's 0/1 token mask [batch, seg_len] -> (InfiniAttention's mask [batch, 1, seg_len, seg_len],
+  positions [batch, seg_len] from 0), as the LM passes them."""
+  mask = jnp.asarray(mask, jnp.int32)
+  return causal_segment_mask(mask), jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
+
+
 def random_memory(rng, batch, heads, dk, dv, kind):
   """'empty': zeros; 'filled': random M, positive z; 'mixed': row 0 filled, the other rows empty."""
   mem = rng.standard_normal((batch, heads, dk, dv)).astype(np.float32)
@@ -312,7 +320,7 @@ def test_infini_attention_layer_matches_slow_reference(num_kv_heads, update_rule
   assert memory.mem.shape == (batch, num_kv_heads, dim, dim) and memory.z.shape == (batch, num_kv_heads, dim)
   for s in range(segments):
     span = slice(s * seg_len, (s + 1) * seg_len)
-    out, memory = layer(jnp.asarray(x[:, span]), memory, jnp.asarray(mask[:, span]))
+    out, memory = layer(jnp.asarray(x[:, span]), *segment_mask_and_positions(mask[:, span]), memory)
     real = mask[:, span].astype(bool)
     np.testing.assert_allclose(np.asarray(out)[real], want_out[:, span][real], atol=1e-4, rtol=1e-4,
                                err_msg=f"segment {s} outputs")
@@ -537,7 +545,7 @@ def test_bfloat16_keeps_float32_finite_memory():
   mem = jnp.asarray(1000.0 + rng.standard_normal((2, 2, 8, 8)), jnp.float32)
   z = jnp.asarray(1000.0 + rng.uniform(0, 1, size=(2, 2, 8)), jnp.float32)
   ones = jnp.ones((2, SEG), jnp.int32)
-  _, new = layer(x, type(memory16[0])(mem, z), ones)
+  _, new = layer(x, *segment_mask_and_positions(ones), type(memory16[0])(mem, z))
   assert new.mem.dtype == new.z.dtype == jnp.float32
   _, k, v = layer.project_raw_qkv(x)
   heads_first = lambda t: jnp.swapaxes(t, 1, 2).astype(jnp.float32)  # noqa: E731

@@ -69,8 +69,8 @@ def test_train_eval_infer_with_the_infini_lm(tmp_path):
   rows = read_jsonl(os.path.join(model_dir, "train", "metrics.jsonl"))
   assert rows[30]["loss"] < rows[10]["loss"]
   assert "InfiniTransformerLM.update_rule = 'delta'" in open(os.path.join(model_dir, "operative_config.gin")).read()
-  _, params, _ = eval_lib.restore_for_inference(model_dir, InfiniTransformerLM, partitioning.make_mesh(num_devices=1),
-                                                None)
+  params = eval_lib.restore_for_inference(model_dir, InfiniTransformerLM,
+                                         lm_runs.partitioner(partitioning.make_mesh(num_devices=1)), None).params
   gates = np.stack([np.asarray(params["layers"][i]["attention"]["gate"]) for i in range(2)])
   assert np.abs(gates).min() > 1e-3  # every beta left its initial 0
 

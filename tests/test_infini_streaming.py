@@ -8,6 +8,7 @@ from flax import nnx
 
 from memlm_jax.decoding.lm_decoding import MemoryStreamer, prepend_bos
 from memlm_jax.models.infini_lm import InfiniTransformerLM, streaming_apply_fn
+from memlm_jax.models.transformer_lm import DecodingMode, TransformerLM
 
 SEGMENT = 8
 EOS = 1
@@ -141,3 +142,14 @@ def test_prepend_bos_shifts_prompts_like_training_inputs():
   prompts, lengths = prepend_bos(np.array([[5, 6, 0], [7, 0, 0]]), np.array([2, 1]))
   np.testing.assert_array_equal(prompts, [[0, 5, 6, 0], [0, 7, 0, 0]])
   np.testing.assert_array_equal(lengths, [3, 2])
+
+
+def test_each_lm_declares_its_decoding_mode_and_label():
+  """What the launchers read instead of probing the model's attributes."""
+  with nnx.use_eager_sharding(False):
+    dense = TransformerLM(vocab_size=40, embed_dim=32, num_layers=1, num_heads=4, head_dim=8, mlp_dim=48,
+                          rngs=nnx.Rngs(0))
+  assert dense.decoding_mode is DecodingMode.KV_CACHE and dense.label == "dense"
+  for rule in ("linear", "delta"):
+    model = _model(update_rule=rule)
+    assert model.decoding_mode is DecodingMode.MEMORY_STREAM and model.label == f"Infini ({rule})"

@@ -1,19 +1,20 @@
 """KMP phrase boosting against naive string matching, and inside the transducer beam search."""
 
+import ast
 import functools
 import logging
+import os
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
 
-from memlm_jax.decoding.kmp import (KmpBooster, build_phrase_table, encode_phrases, failure_function, kmp_fusion,
-                                    make_batched_phrase_table, make_phrase_table, phrase_table_from_padded,
-                                    sequence_bonuses)
+from memlm_jax.decoding.kmp import (KmpBooster, failure_function, kmp_fusion, make_batched_phrase_table,
+                                    make_phrase_table, phrase_table_from_padded, sequence_bonuses)
 from memlm_jax.decoding.transducer_beam import TransducerFns, beam_search
+from memlm_jax.evaluation.bias_lists import phrase_arrays
 
 VOCAB = 5  # blank + labels 1..4
 
@@ -342,24 +343,13 @@ def test_boosting_turns_near_miss_into_phrase(mode):
   assert best(greedy, 0) == (phrase if mode == "shallow" else (1, 2, 2))
 
 
-# Text entry point and bad input.
+# The data pipeline's phrase arrays (text is tokenized there: tests/test_speech_data.py) and bad input.
 
 
-class WordVocabulary:
-  """A tiny word-level vocabulary with an unknown id (duck-types seqio.Vocabulary)."""
-  words = ["<pad>", "<eos>", "<unk>", "call", "mom", "play"]
-  unk_id, vocab_size = 2, 6
-
-  def encode(self, text):
-    return [self.words.index(w) if w in self.words else self.unk_id for w in text.lower().split()]
-
-  def decode(self, ids):
-    return " ".join(self.words[i] for i in ids)
-
-
-def test_build_phrase_table_from_text():
+def test_phrase_table_from_the_pipeline_arrays():
   vocabulary = seqio.ByteVocabulary()
-  table = build_phrase_table([["call mom", "play jazz"], []], vocabulary, max_phrases=3, max_phrase_length=12)
+  tokens, paddings = phrase_arrays([[vocabulary.encode(p) for p in ("call mom", "play jazz")], []], 3, 12)
+  table = phrase_table_from_padded(tokens, paddings == 0, vocabulary.vocab_size, chain_width=12)
   assert table.tokens.shape == (2, 3, 12) and table.vocab_size == vocabulary.vocab_size
   ids = vocabulary.encode("call mom")
   np.testing.assert_array_equal(table.tokens[0, 0, :len(ids)], ids)
@@ -371,7 +361,10 @@ def test_build_phrase_table_from_text():
     state, bonus = booster.advance(state, jnp.asarray([token, token]))
     assert float(bonus[0]) == 1.0 and float(bonus[1]) == 0.0
   assert not np.asarray(booster.token_bonus(state)[1]).any()
-  assert encode_phrases(["call mom"], WordVocabulary()) == [[3, 4]]
+  with pytest.raises(ValueError, match=r"phrase \[1, 2, 3\] has 3 tokens, more than max_phrase_length=2"):
+    phrase_arrays([[[1, 2, 3]]], 2, 2)
+  with pytest.raises(ValueError, match="phrase list 0 has 3 phrases, more than max_phrases=2"):
+    phrase_arrays([[[1], [2], [3]]], 2, 2)
 
 
 def test_bad_input_raises_or_warns(caplog):
@@ -399,20 +392,23 @@ def test_bad_input_raises_or_warns(caplog):
     kmp_fusion(make_phrase_table([[1]], VOCAB), 1.0, prefix_multiplier=2.0)
   with pytest.raises(ValueError, match="mode"):
     kmp_fusion(make_phrase_table([[1]], VOCAB), 1.0, "deep")
-  # Text the vocabulary cannot encode.
-  with pytest.raises(ValueError, match="'call bob'.*unknown"):
-    build_phrase_table([["call bob"]], WordVocabulary())
-  with pytest.raises(ValueError, match="'Call Mom'.*decodes back"):
-    build_phrase_table([["Call Mom"]], WordVocabulary())
-  with pytest.raises(ValueError, match="cannot encode"):
-    build_phrase_table([["bad \ud800"]], seqio.ByteVocabulary())
 
 
-def test_limits_are_gin_configurable():
-  gin.parse_config("build_phrase_table.max_phrase_length = 4\nbuild_phrase_table.max_phrases = 2")
-  vocabulary = seqio.ByteVocabulary()
-  assert build_phrase_table([["mom"]], vocabulary).tokens.shape == (1, 2, 4)
-  with pytest.raises(ValueError, match="'hello'.*max_phrase_length=4"):
-    build_phrase_table([["hello"]], vocabulary)
-  with pytest.raises(ValueError, match="max_phrases=2"):
-    build_phrase_table([["a", "b", "c"]], vocabulary)
+def _imports(folder):
+  """{module file: the memlm_jax modules and top-level packages it imports} of memlm_jax/<folder>/."""
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "memlm_jax", folder)
+  found = {}
+  for name in sorted(os.listdir(root)):
+    if name.endswith(".py"):
+      tree = ast.parse(open(os.path.join(root, name)).read())
+      found[name] = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+      found[name] |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+  return found
+
+
+def test_decoding_takes_no_gin_and_models_import_no_decoding():
+  for name, modules in _imports("decoding").items():
+    assert "gin" not in modules, name
+    assert not any(m.startswith(("memlm_jax.models", "memlm_jax.launch", "memlm_jax.data")) for m in modules), name
+  for name, modules in _imports("models").items():
+    assert not any(m.startswith(("memlm_jax.decoding", "memlm_jax.launch")) for m in modules), name

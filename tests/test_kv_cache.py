@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from memlm_jax.decoding import kv_cache
-from memlm_jax.models.transformer_lm import TransformerLM
+from memlm_jax.models.transformer_lm import TransformerLM, extend_apply_fn
 
 LENGTH = 40
 VOCAB = 50
@@ -55,30 +55,43 @@ def test_chunked_cached_forward_equals_one_shot_forward(num_kv_heads, key_block,
   tokens = _tokens()
   expected = _full_logits(model, tokens)
   graphdef, params = nnx.split(model)
-  runner = kv_cache.CachedLM(graphdef, key_block=key_block)
+  runner = kv_cache.CachedLM(extend_apply_fn(graphdef))
   for chunk in chunks:
-    cache = kv_cache.init_cache(model, 2, 48)  # longer than the sequence: the unused tail is masked
+    cache = model.init_cache(2, 48, key_block=key_block)  # longer than the sequence: the unused tail is masked
     logits, _ = _chunked_logits(runner, params, cache, tokens, chunk)
     assert logits.shape == (2, LENGTH, VOCAB) and logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=2e-5, err_msg=f"chunk={chunk}")
 
 
+@pytest.mark.parametrize("key_block", [None, 8])
+def test_extend_called_chunk_by_chunk_equals_the_full_forward(key_block):
+  """TransformerLM.extend itself (no CachedLM, no jit): chunks of 16, the last one ragged."""
+  model = _model(num_kv_heads=2)
+  tokens = _tokens()
+  cache = model.init_cache(2, 48, key_block=key_block)
+  pieces = []
+  for offset in range(0, LENGTH, 16):
+    logits, cache = model.extend(jnp.asarray(tokens[:, offset:offset + 16]), cache, offset)
+    pieces.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), _full_logits(model, tokens), atol=2e-5, rtol=2e-5)
+
+
 def test_cache_holds_rotated_keys_and_values_in_the_compute_dtype():
   model = _model(num_kv_heads=2)
-  cache = kv_cache.init_cache(model, 3, 24)
+  cache = model.init_cache(3, 24)
   assert len(cache) == 2
   for layer_cache in cache:
     assert layer_cache.k.shape == layer_cache.v.shape == (3, 24, 2, 8)
     assert layer_cache.k.dtype == model.dtype
-  assert kv_cache.cache_bytes(model, 3, 24) == sum(x.nbytes for x in jax.tree.leaves(cache))
+  assert model.cache_bytes(3, 24) == sum(x.nbytes for x in jax.tree.leaves(cache))
 
 
 def test_stale_cache_entries_past_the_position_are_ignored():
   """Restarting at offset 0 over a used cache gives the same logits as over a fresh one."""
   model = _model()
   graphdef, params = nnx.split(model)
-  runner = kv_cache.CachedLM(graphdef, key_block=8)
-  _, used = _chunked_logits(runner, params, kv_cache.init_cache(model, 2, 48), _tokens(seed=5), 8)
+  runner = kv_cache.CachedLM(extend_apply_fn(graphdef))
+  _, used = _chunked_logits(runner, params, model.init_cache(2, 48, key_block=8), _tokens(seed=5), 8)
   other = _tokens(seed=6)
   again, _ = _chunked_logits(runner, params, used, other, 8)
   np.testing.assert_allclose(again, _full_logits(model, other), atol=2e-5, rtol=2e-5)
@@ -87,13 +100,13 @@ def test_stale_cache_entries_past_the_position_are_ignored():
 def test_compiles_once_per_chunk_shape_and_advance_matches_forward():
   model = _model()
   graphdef, params = nnx.split(model)
-  runner = kv_cache.CachedLM(graphdef, key_block=8)
+  runner = kv_cache.CachedLM(extend_apply_fn(graphdef))
   tokens = _tokens(length=32)
-  cache = kv_cache.init_cache(model, 2, 32)
+  cache = model.init_cache(2, 32, key_block=8)
   for offset in range(0, 32, 8):
     cache = runner.advance(params, tokens[:, offset:offset + 8], cache, offset)
   assert runner.num_traces == 1
-  _, reference_cache = _chunked_logits(runner, params, kv_cache.init_cache(model, 2, 32), tokens, 8)
+  _, reference_cache = _chunked_logits(runner, params, model.init_cache(2, 32, key_block=8), tokens, 8)
   assert runner.num_traces == 2  # forward is the second jitted function
   for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(reference_cache)):
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -102,23 +115,22 @@ def test_compiles_once_per_chunk_shape_and_advance_matches_forward():
 def test_overflow_raises():
   model = _model()
   graphdef, params = nnx.split(model)
-  runner = kv_cache.CachedLM(graphdef)
-  cache = kv_cache.init_cache(model, 2, 16)
+  runner = kv_cache.CachedLM(extend_apply_fn(graphdef))
+  cache = model.init_cache(2, 16)
   tokens = _tokens(length=8)
   cache = runner.advance(params, tokens, cache, 8)  # positions 8..15 fill it exactly
   with pytest.raises(ValueError, match="overflow.*offset 9.*max_length=16"):
     runner.forward(params, tokens, cache, 9)
   with pytest.raises(ValueError, match="overflow"):
-    kv_cache.cached_forward(model, tokens, cache, 12)
+    model.extend(tokens, cache, 12)
   with pytest.raises(ValueError, match="overflow"):
     runner.advance(params, tokens, cache, -1)
 
 
 def test_key_block_must_divide_the_cache_length():
   model = _model()
-  cache = kv_cache.init_cache(model, 2, 20)
   with pytest.raises(ValueError, match="key_block"):
-    kv_cache.cached_forward(model, _tokens(length=4), cache, 0, key_block=8)
+    model.init_cache(2, 20, key_block=8)
 
 
 def test_bfloat16_cache_and_logits_close_to_the_one_shot_forward():
@@ -127,8 +139,17 @@ def test_bfloat16_cache_and_logits_close_to_the_one_shot_forward():
                           mlp_dim=48, dtype="bfloat16", rngs=nnx.Rngs(0))
   tokens = _tokens()
   graphdef, params = nnx.split(model)
-  cache = kv_cache.init_cache(model, 2, 48)
+  cache = model.init_cache(2, 48, key_block=8)
   assert cache[0].k.dtype == jnp.bfloat16
-  logits, _ = _chunked_logits(kv_cache.CachedLM(graphdef, key_block=8), params, cache, tokens, 8)
+  logits, _ = _chunked_logits(kv_cache.CachedLM(extend_apply_fn(graphdef)), params, cache, tokens, 8)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, _full_logits(model, tokens), atol=0.1)  # bf16 rounding only
+
+
+def test_attention_with_a_cache_takes_no_mask():
+  """With a cache, visibility follows the positions; an explicit mask as well is refused."""
+  model = _model()
+  positions = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (2, 4))
+  with pytest.raises(ValueError, match="mask must be None"):
+    model.layers[0].attention(jnp.zeros((2, 4, 32)), jnp.ones((1, 1, 4, 16), bool), positions,
+                              model.init_cache(2, 16)[0])

@@ -212,7 +212,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   # Activations inside the model are in the compute dtype.
   x = model16.embedding(tokens)
   assert x.dtype == jnp.bfloat16
-  assert model16.layers[0].attention(x, segments, positions).dtype == jnp.bfloat16
+  assert model16.layers[0].attention(x, causal_segment_mask(segments), positions)[0].dtype == jnp.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from memlm_jax.runtime import partitioning
 from memlm_jax.runtime import train_state as train_state_lib
 from memlm_jax.runtime.optimizers import make_optimizer, param_paths, warmup_cosine_schedule
 from memlm_jax.runtime.trainer import Trainer
+from tests import lm_runs
 
 TINY = dict(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64)
 
@@ -238,12 +239,11 @@ def test_warmup_cosine_schedule_rejects_bad_steps(warmup, decay):
 
 def make_trainer_and_state(tx, accum_steps):
   model_fn = lambda rngs: TransformerLM(**TINY, rngs=rngs)  # noqa: E731
-  mesh = partitioning.make_mesh(num_devices=1)
-  rules = partitioning.logical_axis_rules()
+  parts = lm_runs.partitioner(partitioning.make_mesh(num_devices=1))
   graphdef, abstract_params = train_state_lib.abstract_model(model_fn, seed=0)
-  _, shardings = train_state_lib.state_shardings((graphdef, abstract_params), tx, mesh, rules)
-  trainer = Trainer(graphdef, tx, optax.constant_schedule(0.0), mesh, rules, shardings, accum_steps=accum_steps)
-  with trainer.context():
+  _, shardings = parts.train_state_shardings(abstract_params, tx)
+  trainer = Trainer(graphdef, tx, optax.constant_schedule(0.0), parts, shardings, accum_steps=accum_steps)
+  with parts.context():
     state = train_state_lib.init_train_state(model_fn, tx, shardings, seed=0)
   return trainer, state
 
@@ -271,7 +271,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   for accum in (1, 4):
     trainer, state = make_trainer_and_state(tx, accum)
     initial = jax.device_get(state.params)
-    state, metrics = trainer.train_step(state, trainer.global_batch(local))
+    state, metrics = trainer.train_step(state, trainer.partitioner.global_batch(local))
     results[accum] = (jax.device_get(state.params), jax.device_get(metrics), int(state.step))
 
   params1, metrics1, step1 = results[1]

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from memlm_jax.data import lm_dataset, passkey
+from memlm_jax.data import pipeline, passkey
 from memlm_jax.data.vocabularies import byte_vocabulary
 from memlm_jax.evaluation.passkey import bucket_depths, evaluate_passkey
 from memlm_jax.launch import eval_lib
@@ -80,9 +80,9 @@ def test_bad_lengths_depths_and_keys_are_refused():
 
 def test_seqio_task_trains_on_the_answer_only():
   name = passkey.passkey_task(name="passkey_test", lengths=[300, 400])
-  config = lm_dataset.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=4, pack=False,
+  config = pipeline.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=4, pack=False,
                                     feature_converter="prefix_lm", targets_length=8, shuffle=False)
-  batch = next(iter(lm_dataset.get_dataset(config).as_numpy_iterator()))
+  batch = next(iter(pipeline.get_dataset(config).as_numpy_iterator()))
   for row in range(4):
     targets, weights = batch["decoder_target_tokens"][row], batch["decoder_loss_weights"][row]
     prompt_length = int((targets != 0).sum()) - 6
@@ -91,7 +91,7 @@ def test_seqio_task_trains_on_the_answer_only():
     assert _text(targets[weights > 0]) == " " + text.split("The pass key is ")[1][:5]
     np.testing.assert_array_equal(batch["decoder_input_tokens"][row, 1:], targets[:-1])
   everywhere = dataclasses.replace(config, loss_on_targets_only=False)
-  batch = next(iter(lm_dataset.get_dataset(everywhere).as_numpy_iterator()))
+  batch = next(iter(pipeline.get_dataset(everywhere).as_numpy_iterator()))
   np.testing.assert_array_equal(batch["decoder_loss_weights"] > 0, batch["decoder_target_tokens"] != 0)
 
 
@@ -168,10 +168,10 @@ def test_the_papers_1b_passkey_config_parses():
 def test_a_prompt_longer_than_the_sequence_allows_is_an_error_not_a_silent_cut():
   import tensorflow as tf
   name = passkey.passkey_task(name="passkey_too_long", lengths=[600])
-  config = lm_dataset.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=2, pack=False,
+  config = pipeline.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=2, pack=False,
                                     feature_converter="prefix_lm", targets_length=8, shuffle=False)
   with pytest.raises(tf.errors.InvalidArgumentError, match="inputs"):
-    next(iter(lm_dataset.get_dataset(config).as_numpy_iterator()))
+    next(iter(pipeline.get_dataset(config).as_numpy_iterator()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,10 +221,10 @@ def test_the_long_haystack_task_weights_only_filler_segments_in_the_models_batch
   vocab = byte_vocabulary()
   name = passkey.passkey_task(name="passkey_weighted", lengths=[300, 480], long_haystack_probability=0.5,
                               long_haystack_weights=(2.0, 1e4), segment_length=32)
-  config = lm_dataset.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=8, pack=False,
+  config = pipeline.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=8, pack=False,
                                     feature_converter="prefix_lm", targets_length=8, shuffle=False,
                                     passthrough_features=("memory_write_weights",))
-  batches = lm_dataset.get_dataset(config).as_numpy_iterator()
+  batches = pipeline.get_dataset(config).as_numpy_iterator()
   drawn = []
   for _ in range(6):
     batch = next(batches)
@@ -257,12 +257,12 @@ def test_long_haystack_and_passthrough_settings_are_checked_before_reading_data(
   with pytest.raises(ValueError, match=r"long_haystack_probability must be in \[0, 1\]"):
     passkey.passkey_task(name="passkey_bad_p", lengths=[300], long_haystack_probability=2.0, segment_length=32)
   name = passkey.passkey_task(name="passkey_plain", lengths=[300])
-  config = lm_dataset.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=2, pack=False,
+  config = pipeline.DatasetConfig(mixture_or_task_name=name, sequence_length=512, batch_size=2, pack=False,
                                     feature_converter="prefix_lm", passthrough_features=("memory_write_weights",))
   with pytest.raises(ValueError, match="has no feature 'memory_write_weights'"):
-    lm_dataset.get_dataset(config)
+    pipeline.get_dataset(config)
   with pytest.raises(ValueError, match="needs pack=False"):
-    lm_dataset.get_dataset(dataclasses.replace(config, pack=True))
+    pipeline.get_dataset(dataclasses.replace(config, pack=True))
 
 
 @pytest.mark.slow  # three short trainings and two evals

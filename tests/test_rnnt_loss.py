@@ -51,7 +51,7 @@ def _brute_force_from_logprobs(blank, label):
   return -log_z, grads["blank"], grads["label"]
 
 
-def _brute_force_nll(logits, labels, blank_id=0):
+def _brute_force_nll(logits, labels, blank_id=rnnt.BLANK_ID):
   """-log sum over all alignments; logits [T, U + 1, vocab] float64, labels [U]."""
   lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   n_labels = len(labels)

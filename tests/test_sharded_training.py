@@ -28,11 +28,11 @@ def _tiny_model(rngs):
 
 
 def _state_on(mesh, tx, seed=0):
-  rules = partitioning.logical_axis_rules()
+  parts = lm_runs.partitioner(mesh)
   graphdef, abstract_params = train_state_lib.abstract_model(_tiny_model)
-  abstract, shardings = train_state_lib.state_shardings((graphdef, abstract_params), tx, mesh, rules)
-  trainer = Trainer(graphdef, tx, optax.constant_schedule(1e-2), mesh, rules, shardings)
-  with trainer.context():
+  abstract, shardings = parts.train_state_shardings(abstract_params, tx)
+  trainer = Trainer(graphdef, tx, optax.constant_schedule(1e-2), parts, shardings)
+  with parts.context():
     state = train_state_lib.init_train_state(_tiny_model, tx, shardings, seed)
   return trainer, state, abstract
 
@@ -46,7 +46,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_on_another_mesh(tmp_path, o
   tokens = rng.integers(1, 64, size=(8, 16)).astype(np.int32)
   batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, axis=1),
            "decoder_loss_weights": np.ones((8, 16), np.float32)}
-  state, _ = trainer.train_step(state, trainer.global_batch(batch))  # non-trivial optimizer state
+  state, _ = trainer.train_step(state, trainer.partitioner.global_batch(batch))  # non-trivial optimizer state
   ckpt = Checkpointer(str(tmp_path / "ckpt"), save_interval_steps=1)
   ckpt.save(1, state)
   ckpt.close()

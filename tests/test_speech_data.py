@@ -17,8 +17,9 @@ import seqio
 import soundfile
 import tensorflow as tf
 
-from memlm_jax.data import lm_dataset, speech
+from memlm_jax.data import pipeline, speech, speech_features
 from memlm_jax.data.vocabularies import byte_vocabulary, sentencepiece_vocabulary
+from memlm_jax.evaluation import bias_lists
 from scripts import make_synthetic_speech as synth
 from scripts import train_spm
 
@@ -194,7 +195,7 @@ def test_a_file_changed_after_registration_fails_the_pipeline_naming_it(tmp_path
   manifest = _write_manifest(tmp_path / "bad.jsonl", lines)
   name = speech.manifest_task("unchecked_speech", manifest, VOCAB, check_audio=False)
   with pytest.raises(ValueError, match="22050 Hz, expected 16000 Hz") as error:
-    list(speech.speech_batches(name, "train", 1, 200_000, 200, shuffle=False))
+    list(speech_features.speech_batches(name, "train", 1, 200_000, 200, shuffle=False))
   assert named in str(error.value)
 
 
@@ -226,8 +227,8 @@ def _rows(batches):
   """Non-padding rows of batches as (audio, targets, text) with the padding checked against the lengths."""
   rows = []
   for batch in batches:
-    assert {"audio", "audio_paddings", "targets", "target_paddings", "text"} <= set(batch) <= {
-        "audio", "audio_paddings", "targets", "target_paddings", "text", "id", "bias"}
+    arrays = {"audio", "audio_paddings", "targets", "target_paddings", "bias_tokens", "bias_paddings"}
+    assert arrays | {"text"} <= set(batch) <= arrays | {"text", "id", "bias"}
     for i in range(batch["audio"].shape[0]):
       n_audio = int(np.sum(batch["audio_paddings"][i] == 0))
       n_targets = int(np.sum(batch["target_paddings"][i] == 0))
@@ -245,7 +246,7 @@ def test_manifest_task_batches_hold_the_audio_and_the_encoded_transcripts(corpus
   name = _register_corpus(corpus)
   lines = _lines(os.path.join(corpus, "train.jsonl"))
   max_audio = max(_reference_audio(corpus, line).size for line in lines) + 123
-  batches = list(speech.speech_batches(name, "train", 2, max_audio, 96, shuffle=False, include_text=True))
+  batches = list(speech_features.speech_batches(name, "train", 2, max_audio, 96, shuffle=False, include_text=True))
   assert len(batches) == 2  # 3 utterances: one full batch and one with a filler row
   for batch in batches:
     assert batch["audio"].shape == batch["audio_paddings"].shape == (2, max_audio)
@@ -262,6 +263,16 @@ def test_manifest_task_batches_hold_the_audio_and_the_encoded_transcripts(corpus
     assert text == line["text"]
     np.testing.assert_array_equal(targets, VOCAB.encode(line["text"]))  # no EOS
     assert VOCAB.decode(targets.tolist()) == line["text"]
+  # Each row's phrases as token arrays, row b spelling bias[b]; padding slots empty.
+  for batch in batches:
+    assert batch["bias_tokens"].shape == batch["bias_paddings"].shape == (2, 32, 32)
+    assert batch["bias"].shape == (2, 32) and batch["bias_tokens"].dtype == np.int32
+    for tokens, paddings, phrases in zip(batch["bias_tokens"], batch["bias_paddings"], batch["bias"]):
+      lengths = (paddings == 0).sum(-1)
+      np.testing.assert_array_equal(paddings, np.arange(32) >= lengths[:, None])
+      assert not tokens[paddings > 0].any()
+      for phrase, phrase_tokens, n in zip(phrases, tokens, lengths):
+        np.testing.assert_array_equal(phrase_tokens[:n], VOCAB.encode(phrase.decode()))
   # The task's examples also carry each line's id and bias phrases.
   examples = seqio.get_mixture_or_task(name).get_dataset(split="train", shuffle=False).as_numpy_iterator()
   assert [(e["id"].decode(), [p.decode() for p in e["bias"]]) for e in examples] == [
@@ -270,7 +281,7 @@ def test_manifest_task_batches_hold_the_audio_and_the_encoded_transcripts(corpus
 
 def test_batches_are_deterministic_given_the_seed_and_shuffled_across_epochs(corpus):
   name = _register_corpus(corpus)
-  texts = lambda seed, epochs=1: [r[2] for r in _rows(speech.speech_batches(  # noqa: E731
+  texts = lambda seed, epochs=1: [r[2] for r in _rows(speech_features.speech_batches(  # noqa: E731
       name, "train", 1, 200_000, 96, seed=seed, num_epochs=epochs, include_text=True))]
   first = texts(3, epochs=6)
   assert first == texts(3, epochs=6)
@@ -281,14 +292,14 @@ def test_batches_are_deterministic_given_the_seed_and_shuffled_across_epochs(cor
   assert len({tuple(epoch) for epoch in epochs}) > 1  # reshuffled: 6 alike has chance 1/6^5
   assert first != texts(4, epochs=6)
   # The host shards partition each epoch.
-  shards = [[r[2] for r in _rows(speech.speech_batches(name, "train", 1, 200_000, 96, seed=3, include_text=True,
-                                                         shard_info=seqio.ShardInfo(i, 2)))] for i in range(2)]
+  shards = [[r[2] for r in _rows(speech_features.speech_batches(
+      name, "train", 1, 200_000, 96, seed=3, include_text=True, shard_info=seqio.ShardInfo(i, 2)))] for i in range(2)]
   assert sorted(shards[0] + shards[1]) == expected
 
 
 def test_iterator_checkpoint_resumes_with_the_same_batches(corpus, tmp_path):
   name = _register_corpus(corpus)
-  make = lambda: lm_dataset.TfDataIterator(speech.speech_dataset(  # noqa: E731
+  make = lambda: pipeline.TfDataIterator(speech_features.speech_dataset(  # noqa: E731
       name, "train", 1, 200_000, 96, seed=5, num_epochs=None, filter_long=True))
   iterator = make()
   next(iterator)
@@ -307,14 +318,14 @@ def test_long_utterances_are_refused_or_dropped_with_a_logged_count(corpus, capl
   limit = lengths[1]  # the longest utterance(s) do not fit
   too_long = [line for line in lines if _reference_audio(corpus, line).size > limit]
   with pytest.raises(ValueError, match=r"longer than the batch allows.*max_audio_samples") as error:
-    list(speech.speech_batches(name, "train", 2, limit, 96, shuffle=False))
+    list(speech_features.speech_batches(name, "train", 2, limit, 96, shuffle=False))
   assert too_long[0]["id"] in str(error.value) and "never truncated" in str(error.value)
   shortest_text = min(len(VOCAB.encode(line["text"])) for line in lines)
   with pytest.raises(ValueError, match="max_target_length"):
-    list(speech.speech_batches(name, "train", 2, 200_000, shortest_text, shuffle=False))
+    list(speech_features.speech_batches(name, "train", 2, 200_000, shortest_text, shuffle=False))
 
   with caplog.at_level(logging.WARNING):
-    rows = _rows(speech.speech_batches(name, "train", 2, limit, 96, shuffle=False, filter_long=True,
+    rows = _rows(speech_features.speech_batches(name, "train", 2, limit, 96, shuffle=False, filter_long=True,
                                        include_text=True))
   assert [r[2] for r in rows] == [line["text"] for line in lines if line not in too_long]
   dropped = [m for m in caplog.messages if "dropped utterance" in m]
@@ -322,12 +333,76 @@ def test_long_utterances_are_refused_or_dropped_with_a_logged_count(corpus, capl
   assert too_long[-1]["id"] in dropped[-1]
 
 
+def test_training_batches_carry_the_same_bias_arrays_and_repeated_phrases_count_once(corpus, tmp_path):
+  lines = _lines(os.path.join(corpus, "train.jsonl"))
+  lines[0]["bias"] = lines[0]["bias"] + lines[0]["bias"][:2]  # repeats: kept once, first occurrences in order
+  name = _register_corpus_lines(corpus, tmp_path, lines)
+  config = pipeline.DatasetConfig(mixture_or_task_name=name, sequence_length=200_000, targets_length=96,
+                                    batch_size=len(lines), shuffle=False, pack=False, feature_converter="speech")
+  train = next(pipeline.get_dataset(config).as_numpy_iterator())
+  [evaluation] = speech_features.speech_batches(name, "train", len(lines), 200_000, 96, shuffle=False,
+                                                include_text=True)
+  assert set(train) == set(evaluation) - {"text", "id", "bias"}
+  for key, value in train.items():
+    np.testing.assert_array_equal(value, evaluation[key])
+  assert [p.decode() for p in evaluation["bias"][0] if p] == _lines(os.path.join(corpus, "train.jsonl"))[0]["bias"]
+
+
+def _register_corpus_lines(corpus, tmp_path, lines, vocabulary=VOCAB, name="edited_speech"):
+  """A task over `lines` (manifest lines of the corpus, audio paths made absolute)."""
+  lines = [dict(line, audio=os.path.join(corpus, line["audio"])) for line in lines]
+  return speech.manifest_task(name, _write_manifest(tmp_path / f"{name}.jsonl", lines), vocabulary)
+
+
+def test_too_many_or_too_long_bias_phrases_are_refused_naming_the_utterance(corpus, tmp_path):
+  lines = _lines(os.path.join(corpus, "train.jsonl"))
+  name = _register_corpus_lines(corpus, tmp_path, lines)
+  most = max(len(line["bias"]) for line in lines)
+  crowded = next(line for line in lines if len(line["bias"]) == most)
+  with pytest.raises(ValueError, match=rf"utterance {crowded['id']} has {most} bias phrases.*max_phrases={most - 1}"):
+    list(speech_features.speech_batches(name, "train", 2, 200_000, 96, shuffle=False, max_phrases=most - 1))
+  longest = max((p for line in lines for p in line["bias"]), key=len)
+  with pytest.raises(ValueError, match=rf"bias phrase '{longest}' has {len(longest)} tokens.*max_phrase_length"):
+    list(speech_features.speech_batches(name, "train", 2, 200_000, 96, shuffle=False,
+                                        max_phrase_length=len(longest) - 1))
+
+
+def test_a_bias_phrase_the_vocabulary_cannot_spell_is_batched_as_encoded_and_refused_by_the_spelling_check(
+    corpus, tmp_path):
+  texts = [line["text"] for line in _all_lines(corpus)]
+  vocab_size = len(set("".join(texts))) + 3 + 8
+  prefix = str(tmp_path / "spm")
+  assert train_spm.main([f"--input={os.path.join(corpus, 'train.jsonl')}", f"--model_prefix={prefix}",
+                         f"--vocab_size={vocab_size}"]) == 0
+  vocabulary = sentencepiece_vocabulary(model_file=prefix + ".model")
+  lines = _lines(os.path.join(corpus, "train.jsonl"))[:1]
+  lines[0]["bias"] = ["zé quimby"]  # no 'é' in the transcripts: the unknown piece
+  name = _register_corpus_lines(corpus, tmp_path, lines, vocabulary, name="unspellable_speech")
+  [batch] = speech_features.speech_batches(name, "train", 1, 200_000, 96, shuffle=False, include_text=True)
+  tokens = batch["bias_tokens"][0, 0][batch["bias_paddings"][0, 0] == 0]
+  np.testing.assert_array_equal(tokens, vocabulary.encode("zé quimby"))  # training reads it as it encodes
+  assert vocabulary.unk_id in tokens
+  with pytest.raises(ValueError, match="cannot encode the bias phrase 'zé quimby'.*unknown id 2"):
+    bias_lists.check_spelling("zé quimby", tokens, vocabulary)
+
+
+def test_tokenize_text_encodes_each_bias_phrase_once():
+  features = {"targets": seqio.Feature(VOCAB, add_eos=False)}
+  example = {"audio": np.zeros(4, np.float32), "text": "call mom", "id": "u1", "bias": ["call mom", "play", "call mom"]}
+  [tokenized] = speech.tokenize_text(tf.data.Dataset.from_tensors(example), features).as_numpy_iterator()
+  assert [p.decode() for p in tokenized["bias"]] == ["call mom", "play"]
+  assert [list(ids) for ids in tokenized["bias_tokens"]] == [VOCAB.encode("call mom"), VOCAB.encode("play")]
+  np.testing.assert_array_equal(tokenized["targets"], VOCAB.encode("call mom"))
+
+
 def test_batch_speech_rejects_bad_arguments():
   examples = tf.data.Dataset.from_tensors({"audio": tf.zeros([4]), "targets": tf.zeros([2], tf.int64)})
   with pytest.raises(ValueError, match="'targets' as a rank-1 int32"):
-    speech.batch_speech(examples, 1, 8, 8)
+    speech_features.batch_speech(examples, 1, 8, 8)
   with pytest.raises(ValueError, match="batch_size must be positive"):
-    speech.batch_speech(examples, 0, 8, 8)
+    speech_features.batch_speech(examples, 0, 8, 8)
+  with pytest.raises(ValueError, match="max_phrases must be positive"):
+    speech_features.batch_speech(examples, 1, 8, 8, max_phrases=0)
 
 
 # ----------------------------------------------------------------------------- SentencePiece
@@ -357,7 +432,7 @@ def test_train_spm_on_the_transcripts_round_trips_them(corpus, tmp_path, model_t
     assert vocabulary.decode(ids) == text
   # The manifest task encodes its targets with it.
   name = _register_corpus(corpus, vocabulary, name=f"synth_spm_{model_type}")
-  for _, targets, text in _rows(speech.speech_batches(name, "test", 1, 200_000, 96, shuffle=False,
+  for _, targets, text in _rows(speech_features.speech_batches(name, "test", 1, 200_000, 96, shuffle=False,
                                                       include_text=True)):
     np.testing.assert_array_equal(targets, vocabulary.encode(text))
     assert vocabulary.decode(targets.tolist()) == text
@@ -395,7 +470,7 @@ def test_librispeech_task_reads_tfds_and_preprocesses_an_in_memory_example():
     assert example["audio"].dtype == np.float32 and np.max(np.abs(example["audio"])) <= 1.0
     assert example["text"].decode() == text and example["id"].decode() == ident
     np.testing.assert_array_equal(example["targets"], VOCAB.encode(text))
-  batches = list(speech.batch_speech(processed, 4, 3000, 64, include_text=True).as_numpy_iterator())
+  batches = list(speech_features.batch_speech(processed, 4, 3000, 64, include_text=True).as_numpy_iterator())
   rows = _rows(batches)
   assert [r[2] for r in rows] == [" ".join(t.split()).lower() for t in raw_texts]
   assert batches[0]["audio"].shape == (4, 3000)

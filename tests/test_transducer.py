@@ -1,6 +1,7 @@
 """The Conformer transducer end to end: sizes, padding invariance, training on 1 device vs a
 2x4 mesh, the ASR eval launcher, and decoding through the model's own functions."""
 
+import importlib.util
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from memlm_jax.decoding.transducer_beam import TransducerFns, beam_search
 from memlm_jax.launch import asr_lib, eval_lib, train_lib
 from memlm_jax.models.transducer import Transducer
 from memlm_jax.runtime.summaries import read_jsonl
@@ -136,10 +138,25 @@ def test_greedy_decoder_is_beam_one():
   greedy = asr_lib.make_decoder(graphdef, beam_size=1, max_symbols_per_frame=3, max_output_length=10)
   tokens, lengths = greedy(params, audio, paddings)
   encoder_out, encoder_paddings = model.encode(audio, paddings)
-  from memlm_jax.decoding.transducer_beam import beam_search  # pylint: disable=g-import-not-at-top
-  best = beam_search(model.decoding_fns(), encoder_out, encoder_paddings, beam_size=1, max_symbols_per_frame=3,
-                     max_output_length=10, method="one_pass")
+  best = beam_search(TransducerFns.from_model(model), encoder_out, encoder_paddings, beam_size=1,
+                     max_symbols_per_frame=3, max_output_length=10, method="one_pass")
   np.testing.assert_array_equal(tokens, best.tokens[:, 0])
   np.testing.assert_array_equal(lengths, best.lengths[:, 0])
   with pytest.raises(ValueError, match="beam_size must be >= 1"):
     asr_lib.make_decoder(graphdef, beam_size=0, max_symbols_per_frame=3, max_output_length=10)
+
+
+@pytest.mark.slow  # trains 3 steps and decodes twice (about a minute on 2 CPU cores)
+def test_the_transducer_experiment_script_trains_evaluates_and_prints_the_wer_table(corpus, tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "transducer_run", os.path.join(lm_runs.REPO, "experiments/transducer_synthetic/run.py"))
+  experiment = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(experiment)
+  model_dir = str(tmp_path / "model")
+  table = experiment.run(corpus, model_dir, [1, 2], _bindings(corpus, model_dir) + ["asr_eval.max_output_length = 12"])
+  results = [json.load(open(os.path.join(model_dir, "eval", f"asr_test_beam{k}_step3.json"))) for k in (1, 2)]
+  assert table == experiment.wer_table(results)
+  assert open(os.path.join(model_dir, "eval", "wer_table_test.md")).read() == table + "\n"
+  lines = table.splitlines()
+  assert lines[4].startswith("| greedy ") and lines[5].startswith("| beam 2 (tsd) ")
+  assert f"{100 * results[0]['wer']:.1f}%" in lines[4]

@@ -1,11 +1,13 @@
-"""Speech data for the Transducer: LibriSpeech (tfds) and JSONL-manifest seqio tasks, fixed-shape batches.
+"""Speech data for the Transducer: LibriSpeech (tfds) and JSONL-manifest seqio tasks.
 
 Every task yields examples with
   "audio"   float32 [samples]  waveform in [-1, 1] at 16 kHz (variable length);
   "targets" int32 [labels]     token ids of the transcript (no EOS appended);
   "text"    string             the normalized transcript (the reference for WER);
   "id"      string             the utterance id;
-and manifest tasks also "bias" string [phrases] (the line's biasing phrases, maybe none).
+and manifest tasks also
+  "bias"        string [phrases]             the line's biasing phrases (maybe none), repeats dropped;
+  "bias_tokens" int32 ragged [phrases, None] each phrase's token ids (no EOS).
 
 Transcripts are normalized by `normalize_transcript`: whitespace collapsed and, unless
 `lowercase=False`, lower-cased (LibriSpeech is upper case; `scripts/train_spm.py` trains
@@ -18,11 +20,7 @@ A manifest is JSONL, one utterance per line:
 or downmixed: a file of another rate or with several channels is refused, as are empty audio
 and empty transcripts, each with the file (and manifest line) named.
 
-`speech_dataset` / `speech_batches` pad utterances to fixed shapes:
-  audio [batch, max_audio_samples] float32, audio_paddings [batch, max_audio_samples] float32
-  (1.0 = padded), targets [batch, max_target_length] int32, target_paddings [batch, max_target_length];
-an utterance over either limit is an error (or, with filter_long=True, dropped and counted in
-the log), never truncated.
+Fixed-shape batches of these examples (training and evaluation alike): data/speech_features.py.
 """
 
 from __future__ import annotations
@@ -30,15 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import gin
 import numpy as np
 import seqio
 import soundfile
 import tensorflow as tf
-from absl import logging
 
 from memlm_jax.data.vocabularies import byte_vocabulary
 
@@ -177,12 +173,26 @@ def speech_output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feat
           "targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)}
 
 
-def tokenize_transcript(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
-  """Adds "targets": the "text" encoded with the targets vocabulary (no EOS)."""
+def _encode_phrases(phrases: tf.Tensor, vocabulary: seqio.Vocabulary) -> tf.RaggedTensor:
+  """phrases string [phrases] -> their token ids, int32 ragged [phrases, None] (no EOS). Like the
+  targets, they are not checked here: the biasing that uses them checks that they spell the
+  phrase (evaluation/bias_lists.py: check_spelling)."""
+  return tf.map_fn(lambda phrase: tf.cast(vocabulary.encode_tf(phrase), tf.int32), phrases,
+                   fn_output_signature=tf.RaggedTensorSpec([None], tf.int32))
+
+
+def tokenize_text(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """Adds "targets": the "text" encoded with the targets vocabulary (no EOS); and, where the
+  example has "bias" phrases, keeps each phrase once (first occurrences, in order) and adds
+  "bias_tokens" int32 ragged [phrases, None], each phrase encoded alike."""
   vocabulary = output_features["targets"].vocabulary
 
   def tokenize(example):
-    return {**example, "targets": tf.cast(vocabulary.encode_tf(example["text"]), tf.int32)}
+    example = {**example, "targets": tf.cast(vocabulary.encode_tf(example["text"]), tf.int32)}
+    if "bias" in example:
+      phrases = tf.unique(example["bias"]).y
+      example.update(bias=phrases, bias_tokens=_encode_phrases(phrases, vocabulary))
+    return example
 
   return dataset.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -223,7 +233,7 @@ def librispeech_task(name: str = "librispeech", vocabulary: seqio.Vocabulary | N
   """
   splits = {split: split for split in LIBRISPEECH_SPLITS} | LIBRISPEECH_ALIASES
   source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, splits=splits)
-  preprocessors = [lambda ds: librispeech_to_speech(ds, lowercase), tokenize_transcript]
+  preprocessors = [lambda ds: librispeech_to_speech(ds, lowercase), tokenize_text]
   return _register(name, source, preprocessors, vocabulary or byte_vocabulary(), shuffle_buffer_size)
 
 
@@ -305,165 +315,4 @@ def manifest_task(name: str = gin.REQUIRED, manifest: str | Mapping[str, str] = 
         check_audio_file(e.audio_path, sample_rate, f"manifest {manifests[split]!r} line {e.line}")
   source = ManifestDataSource(entries, sample_rate)
   # The source shuffles (all of each epoch); seqio adds no buffer of audio.
-  return _register(name, source, [tokenize_transcript], vocabulary or byte_vocabulary(), shuffle_buffer_size=None)
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-def _utterance_id(example: Mapping[str, tf.Tensor]) -> tf.Tensor:
-  return example["id"] if "id" in example else tf.constant("(no id)")
-
-
-def _lengths(example: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-  return tf.shape(example["audio"])[0], tf.shape(example["targets"])[0]
-
-
-def _refuse_long(dataset: tf.data.Dataset, max_audio_samples: int, max_target_length: int) -> tf.data.Dataset:
-  def check(example):
-    n_audio, n_targets = _lengths(example)
-    fits = tf.logical_and(n_audio <= max_audio_samples, n_targets <= max_target_length)
-    message = tf.strings.join([
-        "utterance ", _utterance_id(example), " is longer than the batch allows: ", tf.strings.as_string(n_audio),
-        f" audio samples (max_audio_samples={max_audio_samples}), ", tf.strings.as_string(n_targets),
-        f" target tokens (max_target_length={max_target_length}); raise the limits or set filter_long=True "
-        "to drop such utterances (they are never truncated)."])
-    with tf.control_dependencies([tf.debugging.Assert(fits, [message])]):
-      return {k: tf.identity(v) for k, v in example.items()}
-
-  return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _drop_long(dataset: tf.data.Dataset, max_audio_samples: int, max_target_length: int) -> tf.data.Dataset:
-  """Drops utterances over the limits, logging each with the running count (the count is
-  part of the iterator state, so it survives checkpoints)."""
-
-  def log_drop(ident, n_audio, n_targets, dropped):
-    logging.warning("speech batches: dropped utterance %s (%d audio samples, %d target tokens; limits "
-                    "max_audio_samples=%d, max_target_length=%d); %d dropped so far.", ident.decode(), n_audio,
-                    n_targets, max_audio_samples, max_target_length, dropped)
-    return dropped
-
-  def count(dropped, example):
-    n_audio, n_targets = _lengths(example)
-    fits = tf.logical_and(n_audio <= max_audio_samples, n_targets <= max_target_length)
-    dropped = tf.cond(fits, lambda: dropped, lambda: tf.ensure_shape(tf.numpy_function(
-        log_drop, [_utterance_id(example), n_audio, n_targets, dropped + 1], tf.int64), []))
-    return dropped, (example, fits)
-
-  def keep(example, fits):
-    del example
-    return fits
-
-  def unpair(example, fits):
-    del fits
-    return example
-
-  options = tf.data.Options()  # the logging callback is no state a checkpoint must keep
-  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-  return dataset.scan(tf.constant(0, tf.int64), count).filter(keep).map(unpair).with_options(options)
-
-
-_TEXT_FEATURES = ("text", "id", "bias")
-
-
-def batch_speech(examples: tf.data.Dataset, batch_size: int, max_audio_samples: int, max_target_length: int, *,
-                 drop_remainder: bool = False, filter_long: bool = False,
-                 include_text: bool = False) -> tf.data.Dataset:
-  """Pads examples {"audio" [samples], "targets" [labels], ...} into fixed-shape batches.
-
-  Returns batches {audio [batch_size, max_audio_samples] float32, audio_paddings (same shape,
-  float32, 1.0 = padded), targets [batch_size, max_target_length] int32, target_paddings
-  [batch_size, max_target_length] float32} (+ with include_text the string features "text"
-  [batch_size], "id" [batch_size] and "bias" [batch_size, phrases] ("" pads), those the task has). A
-  short last batch (drop_remainder=False) is filled with all-padding rows. Utterances over a
-  limit raise an error when reached, or are dropped and logged if filter_long.
-  """
-  for flag, value in (("batch_size", batch_size), ("max_audio_samples", max_audio_samples),
-                      ("max_target_length", max_target_length)):
-    if value <= 0:
-      raise ValueError(f"{flag} must be positive, got {value}.")
-  spec = examples.element_spec
-  for key, dtype in (("audio", tf.float32), ("targets", tf.int32)):
-    if key not in spec or spec[key].dtype != dtype or spec[key].shape.rank != 1:
-      raise ValueError(f"batch_speech needs feature {key!r} as a rank-1 {dtype.name} tensor, got "
-                       f"{spec.get(key)!r}.")
-  if include_text and "text" not in spec:
-    raise ValueError("batch_speech(include_text=True) needs a 'text' feature.")
-  limit = _drop_long if filter_long else _refuse_long
-  examples = limit(examples, max_audio_samples, max_target_length)
-
-  def with_paddings(example):
-    features = {"audio": example["audio"], "audio_paddings": tf.zeros_like(example["audio"]),
-                "targets": example["targets"], "target_paddings": tf.zeros(tf.shape(example["targets"]), tf.float32)}
-    if include_text:
-      features.update({k: example[k] for k in _TEXT_FEATURES if k in spec})
-    return features
-
-  shapes = {"audio": [max_audio_samples], "audio_paddings": [max_audio_samples], "targets": [max_target_length],
-            "target_paddings": [max_target_length]}
-  values = {"audio": tf.constant(0.0), "audio_paddings": tf.constant(1.0), "targets": tf.constant(0),
-            "target_paddings": tf.constant(1.0)}
-  if include_text:
-    shapes.update({k: [None] * spec[k].shape.rank for k in _TEXT_FEATURES if k in spec})
-    values.update({k: tf.constant("") for k in _TEXT_FEATURES if k in spec})
-  batches = examples.map(with_paddings, num_parallel_calls=tf.data.AUTOTUNE).padded_batch(
-      batch_size, padded_shapes=shapes, padding_values=values, drop_remainder=drop_remainder)
-  if drop_remainder:
-    return batches
-
-  def fill_batch(batch):  # all-padding rows up to batch_size, so every batch has the same shape
-    missing = batch_size - tf.shape(batch["audio"])[0]
-    return {k: tf.ensure_shape(tf.concat([v, tf.fill(tf.concat([[missing], tf.shape(v)[1:]], 0), values[k])], 0),
-                               [batch_size, *shapes[k]]) for k, v in batch.items()}
-
-  return batches.map(fill_batch)
-
-
-@gin.configurable
-def speech_dataset(task_name: str = gin.REQUIRED, split: str = "train", batch_size: int = gin.REQUIRED,
-                   max_audio_samples: int = gin.REQUIRED, max_target_length: int = gin.REQUIRED, *,
-                   shuffle: bool = True, seed: int = 0, num_epochs: int | None = 1, drop_remainder: bool = False,
-                   filter_long: bool = False, include_text: bool = False,
-                   shard_info: seqio.ShardInfo | None = None) -> tf.data.Dataset:
-  """Fixed-shape batches (see `batch_speech`) of a registered speech task's split.
-
-  Deterministic given the seed (seqio shuffles with it, tf.data runs deterministically), and
-  checkpointable with lm_dataset.TfDataIterator. batch_size is per host (this shard's rows).
-  """
-  try:
-    task = seqio.get_mixture_or_task(task_name)
-  except ValueError as error:
-    raise ValueError(f"speech_dataset: {task_name!r} is not a registered seqio task.") from error
-  if split not in task.splits:
-    raise ValueError(f"split {split!r} is not in task {task_name!r} (it has {list(task.splits)}).")
-  examples = task.get_dataset(sequence_length=None, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                              shard_info=shard_info, trim_output_features=False)
-  batches = batch_speech(examples, batch_size, max_audio_samples, max_target_length, drop_remainder=drop_remainder,
-                         filter_long=filter_long, include_text=include_text)
-  options = tf.data.Options()
-  options.deterministic = True
-  return batches.with_options(options)
-
-
-def _plain_message(error: tf.errors.OpError) -> str:
-  """The message of our assertion or of a Python ValueError inside tf.data, without TF's wrapping."""
-  found = re.search(r"assertion failed: \[(.*?)\]\s*\n", error.message + "\n", re.S)
-  if found:
-    return found.group(1).replace("\\'", "'")
-  found = re.search(r"ValueError: (.*?)(\n|$)", error.message)
-  return found.group(1) if found else error.message
-
-
-def speech_batches(task_name: str, split: str, batch_size: int, max_audio_samples: int, max_target_length: int,
-                   **kwargs) -> Iterator[dict[str, np.ndarray]]:
-  """`speech_dataset(...)` as numpy batches; a refused utterance or bad file raises ValueError."""
-  iterator = iter(speech_dataset(task_name, split, batch_size, max_audio_samples, max_target_length, **kwargs))
-  while True:
-    try:
-      batch = next(iterator)
-    except StopIteration:
-      return
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as error:
-      raise ValueError(_plain_message(error)) from None
-    yield {k: v.numpy() for k, v in batch.items()}
+  return _register(name, source, [tokenize_text], vocabulary or byte_vocabulary(), shuffle_buffer_size=None)

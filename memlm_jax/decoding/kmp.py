@@ -2,8 +2,10 @@
 Matching Algorithm", arXiv 2310.00178) as vectorized `jnp`, for `beam_search` fusion.
 
 No FST and no loop over hypotheses or phrases at decode time: the phrase tables are
-padded NumPy arrays built once per phrase list, and every step is a gather and a max (or a
-scatter-max over the vocabulary) over [hyps, phrases, chain] arrays.
+padded arrays built once per phrase list (`phrase_table_from_padded` takes the data pipeline's
+bias_tokens [batch, phrases, phrase_len]), and every step is a gather and a max (or a
+scatter-max over the vocabulary) over [hyps, phrases, chain] arrays. Token ids in, no text and
+no gin: text phrases are tokenized by the data pipeline (data/speech.py).
 
 Matching (per hypothesis, phrases P_1..P_B of token ids, weights w_b > 0, bonus delta):
   * The state holds i_b for every phrase: the length of the longest suffix of the output
@@ -56,13 +58,13 @@ import dataclasses
 import math
 from typing import Any, NamedTuple, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from memlm_jax.decoding.transducer_beam import BLANK_ID, ScoreFusion
+from memlm_jax.decoding.transducer_beam import ScoreFusion
+from memlm_jax.losses.rnnt import BLANK_ID
 
 # Phrase tables.
 
@@ -268,50 +270,6 @@ def make_batched_phrase_table(phrase_lists: Sequence[Sequence[Sequence[int]]], v
   names = [[f"{list(p)} (utterance {u})" for p in phrases] for u, phrases in enumerate(phrase_lists)]
   return _table_from_lists(phrase_lists, names, weights, vocab_size, max_phrases, max_phrase_length, chain_width,
                            batched=True)
-
-
-def encode_phrases(phrases: Sequence[str], vocabulary: Any) -> list[list[int]]:
-  """Token ids of each text phrase with `vocabulary` (a seqio.Vocabulary: encode, decode, unk_id).
-
-  Raises ValueError naming a phrase the vocabulary cannot encode: encoding fails, yields the
-  unknown id, or does not decode back to the text (compared with whitespace collapsed).
-  """
-  unk_id = getattr(vocabulary, "unk_id", None)
-  normalize = lambda text: " ".join(text.split())  # noqa: E731
-  encoded = []
-  for text in phrases:
-    if not isinstance(text, str):
-      raise ValueError(f"biasing phrases must be strings, got {text!r}.")
-    try:
-      ids = [int(t) for t in vocabulary.encode(text)]
-      decoded = vocabulary.decode(ids)
-    except (UnicodeError, ValueError, TypeError) as error:
-      raise ValueError(f"the vocabulary cannot encode the phrase {text!r}: {error}") from error
-    if unk_id is not None and unk_id in ids:
-      raise ValueError(f"the vocabulary cannot encode the phrase {text!r}: it maps part of it to the unknown "
-                       f"id {unk_id}.")
-    if normalize(decoded) != normalize(text):
-      raise ValueError(f"the vocabulary cannot encode the phrase {text!r}: it decodes back as {decoded!r}.")
-    encoded.append(ids)
-  return encoded
-
-
-@gin.configurable
-def build_phrase_table(phrase_lists: Sequence[Sequence[str]], vocabulary: Any, *, max_phrases: int = 128,
-                       max_phrase_length: int = 64, chain_width: int | None = None) -> PhraseTable:
-  """Batched PhraseTable [len(phrase_lists), max_phrases, max_phrase_length] from text.
-
-  Args:
-    phrase_lists: one list of biasing phrases per utterance (an empty list boosts nothing).
-    vocabulary: the model's seqio.Vocabulary (see `encode_phrases`); vocab_size from it.
-    max_phrases: phrases per utterance (after dropping empty phrases and duplicates).
-    max_phrase_length: tokens per phrase.
-    chain_width: fixed failure-chain width (None = the longest chain of these lists).
-  """
-  encoded = [encode_phrases(phrases, vocabulary) for phrases in phrase_lists]
-  names = [[f"{text!r} (utterance {u})" for text in phrases] for u, phrases in enumerate(phrase_lists)]
-  return _table_from_lists(encoded, names, None, int(vocabulary.vocab_size), max_phrases, max_phrase_length,
-                           chain_width, batched=True)
 
 
 # Matching and scoring.

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memlm_jax.decoding.rows import select_rows
+
 LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -83,13 +85,6 @@ class StreamState(NamedTuple):
   memory: Any
   buffer: jax.Array
   fill: jax.Array
-
-
-def _select_rows(take_new: jax.Array, new: Any, old: Any) -> Any:
-  """Per batch row, `new` where take_new [batch] else `old` (pytrees with batch on axis 0)."""
-  def select(a, b):
-    return jnp.where(take_new.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-  return jax.tree.map(select, new, old)
 
 
 def _choose(logits: jax.Array, temperature: float, rng: jax.Array) -> jax.Array:
@@ -174,7 +169,7 @@ class MemoryStreamer:
       logits, memory_if_full = self._apply_fn(params, buffer, memory, mask)
       token = jnp.where(done, 0, _choose(logits[rows, fill - 1], temperature, jax.random.fold_in(rng, t)))
       full = fill == n  # the segment is complete: commit it, the new token starts the next one
-      memory = _select_rows(full, memory_if_full, memory)
+      memory = select_rows(full, memory_if_full, memory)
       buffer = jnp.where(full[:, None], 0, buffer).at[rows, jnp.where(full, 0, fill)].set(token)
       fill = jnp.where(full, 1, fill + 1)
       return (memory, buffer, fill, done | (token == eos_id)), token

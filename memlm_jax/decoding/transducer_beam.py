@@ -1,7 +1,7 @@
 """Transducer (RNN-T) greedy decoding and fixed-shape beam search.
 
-The model is three pure functions (`TransducerFns`): a prediction network stepped one
-label at a time and a joint network over one encoder frame. Everything here is static
+The model is three pure functions (`TransducerFns`, e.g. `TransducerFns.from_model(model)`):
+a prediction network stepped one label at a time and a joint network over one encoder frame. Everything here is static
 shape: one `lax.scan` over frames and, inside a frame, a `lax.while_loop` of at most
 `max_symbols_per_frame + 1` expansion steps, so it compiles once per input shape.
 
@@ -59,7 +59,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-BLANK_ID = 0
+from memlm_jax.decoding.rows import select_rows
+from memlm_jax.losses.rnnt import BLANK_ID
+
 _NEG_INF = -jnp.inf
 
 
@@ -75,6 +77,13 @@ class TransducerFns:
   predictor_init: Callable[[int], Any]
   predictor_step: Callable[[Any, jax.Array], tuple[jax.Array, Any]]
   joint: Callable[[jax.Array, jax.Array], jax.Array]
+
+  @classmethod
+  def from_model(cls, model: Any) -> "TransducerFns":
+    """The functions of a model that exposes them as the methods `init_decoder_state`,
+    `decoder_step` and `joint_logits` (models/transducer.py's Transducer)."""
+    return cls(predictor_init=model.init_decoder_state, predictor_step=model.decoder_step,
+               joint=model.joint_logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +137,6 @@ def _check_inputs(encoder_out: jax.Array, encoder_paddings: jax.Array, max_symbo
     raise ValueError(f"max_output_length must be >= 1, got {max_output_length}.")
 
 
-def _select_rows(take_new: jax.Array, new: Any, old: Any) -> Any:
-  """`new` where take_new else `old`; take_new's shape ([n] or [batch, beam]) leads every leaf."""
-  def select(a, b):
-    return jnp.where(take_new.reshape(take_new.shape + (1,) * (a.ndim - take_new.ndim)), a, b)
-  return jax.tree.map(select, new, old)
-
-
 def _append(tokens: jax.Array, lengths: jax.Array, label: jax.Array, emitted: jax.Array) -> jax.Array:
   """Writes label [...] at position lengths [...] of tokens [..., max_len] where emitted."""
   at_end = jnp.arange(tokens.shape[-1]) == lengths[..., None]
@@ -182,7 +184,7 @@ def greedy_decode(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: 
       emitted = active & (label != BLANK_ID)
       new_out, new_state = fns.predictor_step(state, label)
       return (step + 1, _append(tokens, lengths, label, emitted), lengths + emitted,
-              _select_rows(emitted, new_state, state), _select_rows(emitted, new_out, pred_out), emitted)
+              select_rows(emitted, new_state, state), select_rows(emitted, new_out, pred_out), emitted)
 
     tokens, lengths, state, pred_out = carry
     _, tokens, lengths, state, pred_out, _ = jax.lax.while_loop(
@@ -305,14 +307,14 @@ class _Expander:
     scores, fusion_state = parents.scores, parents.fusion_state
     if self.fusion is not None:
       advanced, earned = self.fusion.advance(fusion_state, label)
-      fusion_state = _select_rows(emitted, advanced, fusion_state)
+      fusion_state = select_rows(emitted, advanced, fusion_state)
       if self.fusion.mode == "rescore":
         scores = scores + jnp.where(emitted, earned.astype(jnp.float32), 0.0)
     return _Hyps(tokens=_append(parents.tokens, parents.lengths, label, emitted),
                  lengths=parents.lengths + emitted,
                  scores=scores,
-                 pred_state=_select_rows(emitted, _split_slots(new_state, batch), parents.pred_state),
-                 pred_out=_select_rows(emitted, _split_slots(new_out, batch), parents.pred_out),
+                 pred_state=select_rows(emitted, _split_slots(new_state, batch), parents.pred_state),
+                 pred_out=select_rows(emitted, _split_slots(new_out, batch), parents.pred_out),
                  fusion_state=fusion_state)
 
 

@@ -1,7 +1,8 @@
 r"""ASR evaluation launcher: restore a transducer, decode a split, score WER.
 
   python -m memlm_jax.eval --gin_file=runs/asr_eval.gin --gin_file=<model+data>.gin \
-      --gin.MODEL_DIR="'runs/asr'" [--gin.asr_eval.beam_size=8] [--gin.asr_eval.biasing_delta=2.0]
+      --gin.MODEL_DIR="'runs/asr'" [--gin.asr_eval.beam_size=8] \
+      [--gin.asr_eval.biasing=@KmpBiasing() --gin.KmpBiasing.delta=2.0]
 
 Decodes every utterance of `split` (greedy when beam_size is 1, else the fixed-shape beam
 search) and writes MODEL_DIR/eval/asr_<split>_beam<K><method><biasing>_step<N>.json (WER with its
@@ -10,53 +11,53 @@ lists) and the same name .jsonl (id, reference, hypothesis per utterance); K = 1
 beam_method picks the beam search (memlm_jax/decoding/transducer_beam.py): 'tsd' (default,
 <method> = '') or 'one_pass' (<method> = '_onepass').
 
-KMP phrase biasing (memlm_jax/decoding/kmp.py) is on when biasing_delta > 0: the beam search
-(beam 1 included, then not greedy) gets a `kmp_fusion` built from per-utterance phrase lists,
-tokenized with the model's vocabulary. biasing_mode 'shallow' adds the bonus before pruning (to
-every label, or to each hypothesis's biasing_top_k labels), 'rescore' adds it to the surviving
-expansions only. bias_lists picks the phrases:
-  'utterance': each utterance's own "bias" list from the task;
-  'anti': anti-biasing, a distractor list of the same size drawn deterministically (per
-    utterance id and anti_bias_seed) from the other utterances' phrases that do not occur in
-    this utterance's transcript (the split is read twice: once for the phrases, once to decode);
-    the .jsonl rows then also hold the list used, "biasing_phrases".
-<biasing> in the file name is '' when off, else e.g. '_kmp0.5shallow', '_kmp2rescore',
-'_kmp1shallow_top8', with '_anti' appended for anti lists. B-WER / U-WER are always measured
-against the utterance's own bias list: with 'anti' no boosted phrase is in the transcript, so
-the numbers to read are WER and U-WER against the unbiased run (false alarms), and B-WER shows
-what wrong boosting does to the names that are spoken.
+Biasing: `asr_eval.biasing = @KmpBiasing()` (launch/biasing.py; off when None or delta 0). The
+beam search (beam 1 included, then not greedy) gets KMP phrase boosting from each batch's
+phrase arrays (bias_tokens [batch, phrases, phrase_len], data/speech_features.py; shape fixed by
+speech_dataset.max_phrases / max_phrase_length). With bias_lists 'anti' each utterance instead
+boosts a distractor list (evaluation/bias_lists.py; the split is read once more first, for the
+phrases), which the .jsonl rows hold as "biasing_phrases". <biasing> in the file name is '' when
+off, else e.g. '_kmp0.5shallow', '_kmp2rescore', '_kmp1shallow_top8', '_kmp2shallow_anti'.
+B-WER / U-WER are always measured against the utterance's own bias list: with 'anti' no boosted
+phrase is in the transcript, so the numbers to read are WER and U-WER against the unbiased run
+(false alarms), and B-WER shows what wrong boosting does to the names that are spoken.
+
+`asr_eval.biasing` may also be a list of settings (e.g. `@kmp_sweep()`): each is decoded and
+written in turn with one restore and one compiled decoder per (mode, top_k), every delta and
+list reusing it; asr_eval then returns {"runs": [the summary of each setting]}.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import json
 import os
-import zlib
 from typing import Any, Callable, Iterable, Sequence
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import seqio
 from absl import logging
 from flax import nnx
 
-from memlm_jax.data import speech
-from memlm_jax.decoding.kmp import PhraseTable, build_phrase_table, kmp_fusion
-from memlm_jax.decoding.transducer_beam import BEAM_METHODS, beam_search, greedy_decode
-from memlm_jax.evaluation import wer
+from memlm_jax.data import speech_features
+from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam_search, greedy_decode
+from memlm_jax.evaluation import bias_lists, wer
+from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing
 from memlm_jax.launch.eval_lib import restore_for_inference, write_json
 from memlm_jax.runtime import partitioning
-from memlm_jax.runtime.trainer import Trainer
+from memlm_jax.runtime.partitioning import Partitioner
+from memlm_jax.runtime.train_state import InferenceState
 
-BIASING_MODES = ("shallow", "rescore")
-BIAS_LISTS = ("utterance", "anti")
+# (params, audio [batch, samples], audio_paddings [batch, samples][, table, delta]) ->
+# (tokens [batch, max_output_length] int32, lengths [batch] int32) of the best hypotheses.
+Decoder = Callable[..., tuple[jax.Array, jax.Array]]
 
 
-def _check_beam_method(method: str) -> None:
+def check_search(beam_size: int, method: str) -> None:
+  """The search settings' one check (asr_eval runs it before reading a checkpoint)."""
+  if beam_size < 1:
+    raise ValueError(f"asr_eval.beam_size must be >= 1, got {beam_size}.")
   if method not in BEAM_METHODS:
     raise ValueError(f"asr_eval.beam_method must be one of {BEAM_METHODS}, got {method!r}.")
 
@@ -67,217 +68,158 @@ def _method_name(method: str) -> str:
 
 
 def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_frame: int, max_output_length: int,
-                 method: str = "tsd") -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """jitted (params, audio [batch, samples], audio_paddings) -> (tokens [batch, max_output_length], lengths).
-  beam_size 1 is greedy decoding; above, `beam_search` with `method` ('tsd' or 'one_pass')."""
-  if beam_size < 1:
-    raise ValueError(f"asr_eval.beam_size must be >= 1, got {beam_size}.")
-  _check_beam_method(method)
+                 method: str = "tsd", biasing: KmpBiasing | None = None) -> Decoder:
+  """The jitted decoder of a transducer: decode(params, audio [batch, samples], audio_paddings
+  [batch, samples], table=None, delta=None) -> (tokens [batch, max_output_length], lengths [batch]).
+
+  Without biasing: greedy decoding when beam_size is 1, else `beam_search` with `method` ('tsd'
+  or 'one_pass'). With biasing: the beam search (beam 1 included) fused with
+  biasing.fusion(table, delta), where table is a batched PhraseTable (row u biases utterance u)
+  and delta a traced scalar, so every bonus (0 included: exactly the unbiased beam search) and
+  every phrase list of the same shape reuse one compilation. Only biasing's mode and top_k
+  (its `decoder_key`) are built in.
+  """
+  check_search(beam_size, method)
+  search = dict(max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length)
 
   @jax.jit
-  def decode(params, audio, audio_paddings):
+  def decode(params, audio, audio_paddings, table=None, delta=None):
     net = nnx.merge(graphdef, params)
     encoder_out, encoder_paddings = net.encode(audio, audio_paddings)
-    fns = net.decoding_fns()
-    if beam_size == 1:
-      return greedy_decode(fns, encoder_out, encoder_paddings, max_symbols_per_frame=max_symbols_per_frame,
-                           max_output_length=max_output_length)
-    best = beam_search(fns, encoder_out, encoder_paddings, beam_size=beam_size,
-                       max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length,
-                       method=method)
+    fns = TransducerFns.from_model(net)
+    if biasing is None and beam_size == 1:
+      return greedy_decode(fns, encoder_out, encoder_paddings, **search)
+    fusion = None if biasing is None else biasing.fusion(table, delta)
+    best = beam_search(fns, encoder_out, encoder_paddings, beam_size=beam_size, fusion=fusion,
+                       fusion_top_k=None if biasing is None else biasing.top_k, method=method, **search)
     return best.tokens[:, 0], best.lengths[:, 0]
 
   return decode
-
-
-@dataclasses.dataclass(frozen=True)
-class KmpBiasing:
-  """KMP biasing settings of one eval run (see the module docstring); bad values raise ValueError.
-
-  delta: bonus per matched token, >= 0; 0 = no biasing (the other settings are then unused).
-  mode: 'shallow' or 'rescore'.
-  top_k: 'shallow' only: bonus only for each hypothesis's top_k labels (None = all labels).
-  bias_lists: 'utterance' or 'anti'.
-  max_phrases, max_phrase_length, chain_width: the fixed phrase-table shape
-    [batch, max_phrases, max_phrase_length, chain_width] (one compilation for every batch);
-    chain_width None = max_phrase_length, which fits any phrase.
-  anti_seed: seed of the anti-biasing draw.
-  """
-  delta: float = 0.0
-  mode: str = "shallow"
-  top_k: int | None = None
-  bias_lists: str = "utterance"
-  max_phrases: int = 32
-  max_phrase_length: int = 32
-  chain_width: int | None = None
-  anti_seed: int = 0
-
-  def __post_init__(self):
-    if not (np.isfinite(self.delta) and self.delta >= 0):
-      raise ValueError(f"asr_eval.biasing_delta must be a finite bonus >= 0 (0 = no biasing), got {self.delta}.")
-    if self.mode not in BIASING_MODES:
-      raise ValueError(f"asr_eval.biasing_mode must be one of {BIASING_MODES}, got {self.mode!r}.")
-    if self.bias_lists not in BIAS_LISTS:
-      raise ValueError(f"asr_eval.bias_lists must be one of {BIAS_LISTS}, got {self.bias_lists!r}.")
-    if self.top_k is not None and (self.mode != "shallow" or self.top_k < 1):
-      raise ValueError(f"asr_eval.biasing_top_k={self.top_k} needs biasing_mode 'shallow' and a value >= 1 "
-                       "(or None for all labels).")
-    for name in ("max_phrases", "max_phrase_length", "chain_width"):
-      value = getattr(self, name)
-      if value is not None and value < 1:
-        raise ValueError(f"asr_eval.{name} must be >= 1, got {value}.")
-
-  @property
-  def enabled(self) -> bool:
-    return self.delta > 0
-
-  @property
-  def name(self) -> str:
-    """File-name part: '' when off, else e.g. '_kmp0.5shallow', '_kmp1shallow_top8', '_kmp2rescore_anti'."""
-    if not self.enabled:
-      return ""
-    top = "" if self.top_k is None else f"_top{self.top_k}"
-    anti = "_anti" if self.bias_lists == "anti" else ""
-    return f"_kmp{self.delta:g}{self.mode}{top}{anti}"
-
-  def summary(self) -> dict[str, Any]:
-    """The settings the result JSON records (None when off)."""
-    on = self.enabled
-    return {"biasing_delta": float(self.delta), "biasing_mode": self.mode if on else None,
-            "biasing_top_k": self.top_k if on else None, "bias_lists": self.bias_lists if on else None}
-
-  def phrase_table(self, phrase_lists: Sequence[Sequence[str]], vocabulary: seqio.Vocabulary) -> PhraseTable:
-    """Batched table [len(phrase_lists), max_phrases, max_phrase_length, chain_width] (fixed shape)."""
-    return build_phrase_table(phrase_lists, vocabulary, max_phrases=self.max_phrases,
-                              max_phrase_length=self.max_phrase_length,
-                              chain_width=self.chain_width or self.max_phrase_length)
-
-
-def make_biased_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_frame: int,
-                        max_output_length: int, mode: str = "shallow", top_k: int | None = None,
-                        method: str = "tsd"
-                        ) -> Callable[[Any, jax.Array, jax.Array, PhraseTable, Any], tuple[jax.Array, jax.Array]]:
-  """jitted (params, audio [batch, samples], audio_paddings [batch, samples], table, delta) ->
-  (tokens [batch, max_output_length], lengths [batch]): the best hypothesis of the beam search
-  (`method` 'tsd' or 'one_pass') with KMP fusion. table is a batched PhraseTable (row u biases
-  utterance u); delta is a traced scalar, so any bonus (0 included: exactly the unbiased beam
-  search) reuses one compilation.
-  """
-  if beam_size < 1:
-    raise ValueError(f"asr_eval.beam_size must be >= 1, got {beam_size}.")
-  if mode not in BIASING_MODES:
-    raise ValueError(f"asr_eval.biasing_mode must be one of {BIASING_MODES}, got {mode!r}.")
-  _check_beam_method(method)
-
-  @jax.jit
-  def decode(params, audio, audio_paddings, table, delta):
-    net = nnx.merge(graphdef, params)
-    encoder_out, encoder_paddings = net.encode(audio, audio_paddings)
-    fusion = kmp_fusion(table, jnp.asarray(delta, jnp.float32), mode)
-    best = beam_search(net.decoding_fns(), encoder_out, encoder_paddings, beam_size=beam_size,
-                       max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length,
-                       fusion=fusion, fusion_top_k=top_k, method=method)
-    return best.tokens[:, 0], best.lengths[:, 0]
-
-  return decode
-
-
-def anti_bias_lists(ids: Sequence[str], texts: Sequence[str], bias_lists: Sequence[Sequence[str]],
-                    seed: int = 0) -> list[list[str]]:
-  """Anti-biasing distractor lists: for utterance u, len(set(bias_lists[u])) phrases (fewer when
-  fewer qualify) drawn without replacement from the phrases of the other utterances' lists
-  that do not occur in texts[u] as a run of whole words (both normalized as for WER).
-  Depends only on (seed, ids[u]) and the set of phrases, not on the order of the utterances."""
-  if not len(ids) == len(texts) == len(bias_lists):
-    raise ValueError(f"got {len(ids)} ids, {len(texts)} texts and {len(bias_lists)} bias lists; need one each "
-                     "per utterance.")
-  repeated = sorted(i for i, count in collections.Counter(ids).items() if count > 1)
-  if repeated:
-    raise ValueError(f"anti-biasing lists need distinct utterance ids; {repeated[0]!r} repeats.")
-  owners: dict[str, set[str]] = {}
-  for ident, phrases in zip(ids, bias_lists):
-    for phrase in phrases:
-      owners.setdefault(phrase, set()).add(ident)
-  padded = {p: f" {wer.normalize_text(p)} " for p in owners}
-  lists = []
-  for ident, text, phrases in zip(ids, texts, bias_lists):
-    words = f" {wer.normalize_text(text)} "
-    pool = sorted(p for p, who in owners.items() if who - {ident} and padded[p] not in words)
-    size = min(len(set(phrases)), len(pool))
-    rng = np.random.default_rng([seed, zlib.crc32(ident.encode("utf-8"))])
-    lists.append([pool[i] for i in rng.choice(len(pool), size=size, replace=False)])
-  return lists
 
 
 def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _batch_rows(batch: dict[str, np.ndarray], real: np.ndarray) -> list[dict]:
+def _batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
   """id (None when the task has none), reference and own bias list of each row of a host batch;
-  real [batch] bool marks the utterances (filler rows get empty entries)."""
+  filler rows (all audio padding) get empty entries and "real" False."""
   rows = []
-  for i, keep in enumerate(real):
-    rows.append({"id": _text(batch["id"][i]) if "id" in batch and keep else None,
-                 "reference": _text(batch["text"][i]) if keep else "",
-                 "bias": [_text(b) for b in batch["bias"][i] if b] if "bias" in batch and keep else []})
+  for i, real in enumerate(batch["audio_paddings"].min(axis=1) < 1.0):
+    rows.append({"id": _text(batch["id"][i]) if "id" in batch and real else None,
+                 "reference": _text(batch["text"][i]) if real else "",
+                 "bias": [_text(b) for b in batch["bias"][i] if b] if "bias" in batch and real else [],
+                 "real": bool(real)})
   return rows
 
 
-def _split_anti_lists(batches: Iterable[dict[str, np.ndarray]], seed: int, task_name: str
-                      ) -> dict[str, list[str]]:
-  """{utterance id: anti-biasing list} over a whole split (see `anti_bias_lists`)."""
-  ids, texts, lists = [], [], []
-  for batch in batches:
-    if "id" not in batch or "bias" not in batch:
-      raise ValueError(f"asr_eval.bias_lists='anti' needs utterance ids and per-utterance 'bias' lists; task "
-                       f"{task_name!r} has {'no ids' if 'id' not in batch else 'no bias lists'}.")
-    real = batch["audio_paddings"].min(axis=1) < 1.0
-    for row in _batch_rows(batch, real):
-      if row["id"] is not None:
-        ids.append(row["id"])
-        texts.append(row["reference"])
-        lists.append(row["bias"])
-  return dict(zip(ids, anti_bias_lists(ids, texts, lists, seed=seed)))
+def _phrase_tokens(batch: dict[str, np.ndarray]) -> dict[str, list[int]]:
+  """{phrase: its token ids} of every phrase of the batch's own lists ("bias" beside bias_tokens)."""
+  lengths = (batch["bias_paddings"] == 0).sum(-1)
+  return {_text(phrase): batch["bias_tokens"][u, b, :lengths[u, b]].tolist()
+          for u, row in enumerate(batch["bias"]) for b, phrase in enumerate(row) if phrase}
 
 
-def _global_table(trainer: Trainer, table: PhraseTable) -> PhraseTable:
-  """Host-local batched table -> global arrays sharded like the batch (on the leading axis)."""
-  arrays = {f.name: np.asarray(getattr(table, f.name)) for f in dataclasses.fields(table) if f.name != "vocab_size"}
-  return dataclasses.replace(table, **trainer.global_batch(arrays))
+class _SplitDecoder:
+  """Decodes one split of a restored transducer under any biasing setting, compiling one
+  decoder per decoder_key and drawing the anti-biasing lists once per seed."""
 
+  def __init__(self, restored: InferenceState, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
+               vocabulary: seqio.Vocabulary, task_name: str, search: dict[str, Any]):
+    self.restored = restored
+    self.batches = batches
+    self.vocabulary = vocabulary
+    self.task_name = task_name
+    self.search = search
+    self._decoders: dict[Any, Decoder] = {}
+    self._anti: dict[int, tuple[dict[str, list[str]], dict[str, list[int]]]] = {}
 
-# (batch, its rows) -> (tokens [batch, max_output_length], lengths [batch]) of the best hypotheses.
-BatchDecoder = Callable[[dict[str, np.ndarray], list[dict]], tuple[jax.Array, jax.Array]]
+  def _decoder(self, biasing: KmpBiasing | None) -> Decoder:
+    key = None if biasing is None else biasing.decoder_key
+    if key not in self._decoders:
+      self._decoders[key] = make_decoder(self.restored.graphdef, biasing=biasing, **self.search)
+    return self._decoders[key]
 
+  def _anti_lists(self, seed: int) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+    """({utterance id: anti-biasing list}, {phrase: token ids}) over the whole split."""
+    if seed not in self._anti:
+      ids, texts, lists, tokens = [], [], [], {}
+      for batch in self.batches():
+        if "id" not in batch or "bias" not in batch:
+          raise ValueError(f"KmpBiasing.bias_lists='anti' needs utterance ids and per-utterance 'bias' lists; task "
+                           f"{self.task_name!r} has {'no ids' if 'id' not in batch else 'no bias lists'}.")
+        tokens.update(_phrase_tokens(batch))
+        for row in _batch_rows(batch):
+          if row["real"]:
+            ids.append(row["id"])
+            texts.append(row["reference"])
+            lists.append(row["bias"])
+      self._anti[seed] = dict(zip(ids, bias_lists.anti_bias_lists(ids, texts, lists, seed=seed))), tokens
+    return self._anti[seed]
 
-def _plain_batch_decoder(trainer: Trainer, params: Any, decode: Callable[..., Any]) -> BatchDecoder:
-  def decode_batch(batch, rows):
-    del rows
-    inputs = trainer.global_batch({k: batch[k] for k in ("audio", "audio_paddings")})
-    return decode(params, inputs["audio"], inputs["audio_paddings"])
-  return decode_batch
+  def _global(self, tree: Any) -> Any:
+    """Host-local arrays [local_batch, ...] (any pytree) -> global arrays sharded like the batch."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = self.restored.partitioner.global_batch({str(i): leaf for i, leaf in enumerate(leaves)})
+    return jax.tree.unflatten(treedef, [arrays[str(i)] for i in range(len(leaves))])
 
-
-def _biased_batch_decoder(trainer: Trainer, params: Any, decode: Callable[..., Any], biasing: KmpBiasing,
-                          vocabulary: seqio.Vocabulary, task_name: str,
-                          batches: Callable[[], Iterable[dict[str, np.ndarray]]]) -> BatchDecoder:
-  """Decodes with each row's phrases: its own "bias" list, or (anti) its distractor list, which
-  is also stored in the row as "biasing_phrases"."""
-  anti = _split_anti_lists(batches(), biasing.anti_seed, task_name) if biasing.bias_lists == "anti" else None
-
-  def decode_batch(batch, rows):
+  def _decode_batch(self, batch: dict[str, np.ndarray], rows: list[dict], biasing: KmpBiasing | None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Decodes a host batch with each row's phrases: its own list, or (anti) its distractor list,
+    which is also stored in the row as "biasing_phrases"."""
+    audio = self._global({k: batch[k] for k in ("audio", "audio_paddings")})
+    decode = self._decoder(biasing)
+    if biasing is None:
+      return decode(self.restored.params, audio["audio"], audio["audio_paddings"])
     if "bias" not in batch:
-      raise ValueError(f"asr_eval.biasing_delta={biasing.delta} needs per-utterance 'bias' lists; task "
-                       f"{task_name!r} has none.")
-    if anti is not None:
+      raise ValueError(f"asr_eval.biasing ({biasing.name[1:]}) needs per-utterance 'bias' lists; task "
+                       f"{self.task_name!r} has none.")
+    tokens, paddings, phrase_tokens = batch["bias_tokens"], batch["bias_paddings"], _phrase_tokens(batch)
+    used = set(phrase_tokens)
+    if biasing.bias_lists == "anti":
+      anti, phrase_tokens = self._anti_lists(biasing.anti_seed)
       for row in rows:
         row["biasing_phrases"] = [] if row["id"] is None else anti[row["id"]]
-    table = biasing.phrase_table([row.get("biasing_phrases", row["bias"]) for row in rows], vocabulary)
-    inputs = trainer.global_batch({k: batch[k] for k in ("audio", "audio_paddings")})
-    return decode(params, inputs["audio"], inputs["audio_paddings"], _global_table(trainer, table), biasing.delta)
+      used = {p for row in rows for p in row["biasing_phrases"]}
+      tokens, paddings = bias_lists.phrase_arrays([[phrase_tokens[p] for p in row["biasing_phrases"]] for row in rows],
+                                                  *tokens.shape[1:])
+    for phrase in sorted(used):
+      bias_lists.check_spelling(phrase, phrase_tokens[phrase], self.vocabulary)
+    table = self._global(biasing.phrase_table(tokens, paddings, self.vocabulary.vocab_size))
+    return decode(self.restored.params, audio["audio"], audio["audio_paddings"], table, np.float32(biasing.delta))
 
-  return decode_batch
+  def rows(self, biasing: KmpBiasing | None) -> list[dict]:
+    """{id, reference, bias, hypothesis[, biasing_phrases]} of every utterance of the split."""
+    rows = []
+    with self.restored.partitioner.context():
+      for batch in self.batches():
+        batch_rows = _batch_rows(batch)
+        tokens, lengths = jax.device_get(self._decode_batch(batch, batch_rows, biasing))
+        for i, row in enumerate(batch_rows):
+          if row.pop("real"):
+            row["id"] = str(len(rows)) if row["id"] is None else row["id"]
+            row["hypothesis"] = self.vocabulary.decode([int(t) for t in tokens[i, :lengths[i]]])
+            rows.append(row)
+        logging.info("decoded %d utterances", len(rows))
+    return rows
+
+
+def _wer_summary(rows: Sequence[dict]) -> dict[str, Any]:
+  """WER with its error counts; B-WER / U-WER when some utterance has a bias list."""
+  refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
+  overall = wer.word_error_rate(refs, hyps)
+  summary = {"wer": overall.wer, "substitutions": overall.substitutions, "deletions": overall.deletions,
+             "insertions": overall.insertions, "reference_words": overall.reference_words}
+  if any(r["bias"] for r in rows):
+    biased_result = wer.biased_wer(refs, hyps, [r["bias"] for r in rows])
+    summary.update({"b_wer": biased_result.b_wer, "u_wer": biased_result.u_wer})
+  return summary
+
+
+def _write_rows(base: str, rows: Sequence[dict]) -> None:
+  with open(base + ".jsonl.tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(base + ".jsonl.tmp", base + ".jsonl")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -285,65 +227,43 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
              vocabulary: seqio.Vocabulary = gin.REQUIRED, split: str = "test", batch_size: int = 8,
              max_audio_samples: int = gin.REQUIRED, max_target_length: int = gin.REQUIRED,
              max_output_length: int | None = None, beam_size: int = 1, max_symbols_per_frame: int = 32,
-             checkpoint_step: int | None = None, biasing_delta: float = 0.0, biasing_mode: str = "shallow",
-             biasing_top_k: int | None = None, bias_lists: str = "utterance", max_phrases: int = 32,
-             max_phrase_length: int = 32, biasing_chain_width: int | None = None, anti_bias_seed: int = 0,
-             beam_method: str = "tsd", mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh) -> dict:
+             beam_method: str = "tsd", biasing: KmpBiasing | Sequence[KmpBiasing | None] | None = None,
+             checkpoint_step: int | None = None, partitioner: Callable[[], Partitioner] = Partitioner) -> dict:
   """Decodes `split` of `task_name` and returns (and writes) the WER summary.
 
-  beam_method: the beam search, 'tsd' or 'one_pass' (module docstring).
-
-  biasing_*: KMP biasing (module docstring): delta (0 = off), mode ('shallow' | 'rescore'),
-  top_k ('shallow' only), bias_lists ('utterance' | 'anti'), max_phrases / max_phrase_length /
-  biasing_chain_width (fixed phrase-table shape; None = max_phrase_length), anti_bias_seed.
+  Args:
+    model_dir: the run whose checkpoint (checkpoint_step, default the newest) is decoded.
+    max_audio_samples, max_target_length: the batches' fixed shapes (speech_dataset).
+    max_output_length: hypothesis width (default max_target_length).
+    beam_size, max_symbols_per_frame, beam_method: the search (module docstring).
+    biasing: a KmpBiasing (None = off), or a list of settings decoded in turn (module docstring).
   """
-  if beam_size < 1:
-    raise ValueError(f"asr_eval.beam_size must be >= 1, got {beam_size}.")
-  _check_beam_method(beam_method)
-  biasing = KmpBiasing(biasing_delta, biasing_mode, biasing_top_k, bias_lists, max_phrases, max_phrase_length,
-                       biasing_chain_width, anti_bias_seed)
+  check_search(beam_size, beam_method)
+  settings = list(biasing) if isinstance(biasing, (list, tuple)) else [biasing]
   partitioning.initialize_distributed()
-  trainer, params, step = restore_for_inference(model_dir, model, mesh(), checkpoint_step)
-  sizes = dict(beam_size=beam_size, max_symbols_per_frame=max_symbols_per_frame,
-               max_output_length=max_output_length or max_target_length, method=beam_method)
+  restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
 
   def batches():
-    return speech.speech_batches(task_name, split, batch_size, max_audio_samples, max_target_length,
-                                 shuffle=False, include_text=True)
+    return speech_features.speech_batches(task_name, split, batch_size, max_audio_samples, max_target_length,
+                                          shuffle=False, include_text=True)
 
-  if biasing.enabled:
-    decoder = make_biased_decoder(trainer.graphdef, mode=biasing.mode, top_k=biasing.top_k, **sizes)
-    decode_batch = _biased_batch_decoder(trainer, params, decoder, biasing, vocabulary, task_name, batches)
-  else:
-    decode_batch = _plain_batch_decoder(trainer, params, make_decoder(trainer.graphdef, **sizes))
-  rows = []
-  with trainer.context():
-    for batch in batches():
-      real = batch["audio_paddings"].min(axis=1) < 1.0  # filler rows are all padding
-      batch_rows = _batch_rows(batch, real)
-      tokens, lengths = jax.device_get(decode_batch(batch, batch_rows))
-      for i in np.flatnonzero(real):
-        row = batch_rows[i]
-        row["id"] = str(len(rows)) if row["id"] is None else row["id"]
-        row["hypothesis"] = vocabulary.decode([int(t) for t in tokens[i, :lengths[i]]])
-        rows.append(row)
-      logging.info("decoded %d utterances", len(rows))
-  if not rows:
-    raise ValueError(f"split {split!r} of task {task_name!r} has no utterances.")
-  refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
-  overall = wer.word_error_rate(refs, hyps)
-  payload = {"task": task_name, "split": split, "step": step, "utterances": len(rows), "beam_size": beam_size,
-             "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
-             "wer": overall.wer, "substitutions": overall.substitutions, "deletions": overall.deletions,
-             "insertions": overall.insertions, "reference_words": overall.reference_words, **biasing.summary()}
-  if any(r["bias"] for r in rows):
-    biased_result = wer.biased_wer(refs, hyps, [r["bias"] for r in rows])
-    payload.update({"b_wer": biased_result.b_wer, "u_wer": biased_result.u_wer})
-  if jax.process_index() == 0:
-    name = f"asr_{split}_beam{beam_size}{_method_name(beam_method)}{biasing.name}_step{step}"
-    base = os.path.join(model_dir, "eval", name)
-    write_json(base + ".json", payload)
-    with open(base + ".jsonl.tmp", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(base + ".jsonl.tmp", base + ".jsonl")
-  return payload
+  decoder = _SplitDecoder(restored, batches, vocabulary, task_name, dict(
+      beam_size=beam_size, max_symbols_per_frame=max_symbols_per_frame,
+      max_output_length=max_output_length or max_target_length, method=beam_method))
+  payloads = []
+  for setting in settings:
+    setting = setting if setting is not None and setting.enabled else None
+    rows = decoder.rows(setting)
+    if not rows:
+      raise ValueError(f"split {split!r} of task {task_name!r} has no utterances.")
+    payload = {"task": task_name, "split": split, "step": restored.step, "utterances": len(rows),
+               "beam_size": beam_size, "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
+               **_wer_summary(rows), **(NO_BIASING if setting is None else setting.summary())}
+    if jax.process_index() == 0:
+      name = (f"asr_{split}_beam{beam_size}{_method_name(beam_method)}{'' if setting is None else setting.name}"
+              f"_step{restored.step}")
+      base = os.path.join(model_dir, "eval", name)
+      write_json(base + ".json", payload)
+      _write_rows(base, rows)
+    payloads.append(payload)
+  return {"runs": payloads} if isinstance(biasing, (list, tuple)) else payloads[0]

@@ -17,30 +17,28 @@ import gin
 import jax
 from absl import logging
 
-from memlm_jax.data import lm_dataset
+from memlm_jax.data import pipeline
 from memlm_jax.evaluation.perplexity import lm_metrics
 from memlm_jax.runtime import partitioning
 from memlm_jax.runtime import train_state as train_state_lib
 from memlm_jax.runtime.checkpoints import Checkpointer
+from memlm_jax.runtime.partitioning import Partitioner
 from memlm_jax.runtime.summaries import MetricsLogger
-from memlm_jax.runtime.trainer import Trainer
+from memlm_jax.runtime.train_state import InferenceState
+from memlm_jax.runtime.trainer import Evaluator
 
 
-def restore_for_inference(model_dir: str, model: Callable[..., Any], mesh: jax.sharding.Mesh,
-                          checkpoint_step: int | None) -> tuple[Trainer, Any, int]:
-  """(eval-only Trainer, params restored onto `mesh`, step) for `model_dir`'s checkpoint."""
-  rules = partitioning.logical_axis_rules()
+def restore_for_inference(model_dir: str, model: Callable[..., Any], partitioner: Partitioner,
+                          checkpoint_step: int | None) -> InferenceState:
+  """`model_dir`'s checkpoint (newest if `checkpoint_step` is None), parameters only, placed by
+  `partitioner`."""
   graphdef, abstract_params = train_state_lib.abstract_model(lambda rngs: model(rngs=rngs))
-  p_shardings = partitioning.param_shardings(abstract_params, mesh, rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params.to_pure_dict(), p_shardings)
   ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"))
   try:
-    params, step = ckpt.restore_params(checkpoint_step, abstract)
+    params, step = ckpt.restore_params(checkpoint_step, partitioner.abstract_params(abstract_params))
   finally:
     ckpt.close()
-  shardings = train_state_lib.TrainState(step=partitioning.replicated(mesh), params=p_shardings, opt_state=None)
-  return Trainer(graphdef, None, None, mesh, rules, shardings), params, step
+  return InferenceState(graphdef=graphdef, params=params, step=step, partitioner=partitioner)
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -54,13 +52,15 @@ def write_json(path: str, payload: dict) -> None:
 
 @gin.configurable(denylist=["model_dir"])
 def evaluate(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
-             dataset: lm_dataset.DatasetConfig = gin.REQUIRED,
-             mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh,
+             dataset: pipeline.DatasetConfig = gin.REQUIRED,
+             partitioner: Callable[[], Partitioner] = Partitioner,
              checkpoint_step: int | None = None) -> dict[str, float]:
   """Restores `checkpoint_step` (latest if None) and evaluates on `dataset`; returns the metrics."""
   partitioning.initialize_distributed()
-  trainer, params, step = restore_for_inference(model_dir, model, mesh(), checkpoint_step)
-  metrics = lm_metrics(trainer.eval_totals(params, lm_dataset.eval_batches(dataset)))
+  restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
+  step = restored.step
+  evaluator = Evaluator(restored.graphdef, restored.partitioner, jax.tree.map(lambda x: x.sharding, restored.params))
+  metrics = lm_metrics(evaluator.eval_totals(restored.params, pipeline.eval_batches(dataset)))
   name = f"{dataset.mixture_or_task_name}_{dataset.split}_step{step}"
   if jax.process_index() == 0:
     write_json(os.path.join(model_dir, "eval", f"{name}.json"),

@@ -23,8 +23,9 @@ from flax import nnx
 
 from memlm_jax.decoding.lm_decoding import MemoryStreamer, decode, prepend_bos
 from memlm_jax.launch.eval_lib import restore_for_inference
-from memlm_jax.models import infini_lm
+from memlm_jax.models import infini_lm, transformer_lm
 from memlm_jax.runtime import partitioning
+from memlm_jax.runtime.partitioning import Partitioner
 
 
 def read_prompts(path: str) -> list[str]:
@@ -62,10 +63,10 @@ def encode_prompts(prompts: list[str], vocabulary: seqio.Vocabulary, width: int)
 
 def _batch_generator(graphdef: nnx.GraphDef, params: Any, *, max_decode_length: int, eos_id: int,
                      temperature: float) -> Callable[[np.ndarray, np.ndarray, jax.Array], tuple[Any, Any]]:
-  """(prompts [batch, width], lengths [batch], rng) -> (generated, lengths). Models with a recurrent
-  memory (`init_memory`) stream the prompt segment by segment; the others decode the whole buffer."""
+  """(prompts [batch, width], lengths [batch], rng) -> (generated, lengths). Models that declare
+  DecodingMode.MEMORY_STREAM stream the prompt segment by segment; the others decode the whole buffer."""
   net = nnx.merge(graphdef, params)
-  if hasattr(net, "init_memory"):
+  if net.decoding_mode is transformer_lm.DecodingMode.MEMORY_STREAM:
     streamer = MemoryStreamer(infini_lm.streaming_apply_fn(graphdef), net.segment_length)
 
     def stream(prompts, lengths, rng):
@@ -90,14 +91,13 @@ def _batch_generator(graphdef: nnx.GraphDef, params: Any, *, max_decode_length: 
 def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabulary: seqio.Vocabulary = gin.REQUIRED,
           input_file: str = gin.REQUIRED, max_prompt_length: int = 64, max_decode_length: int = 64,
           batch_size: int = 8, temperature: float = 0.0, seed: int = 0, checkpoint_step: int | None = None,
-          mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh) -> str:
+          partitioner: Callable[[], Partitioner] = Partitioner) -> str:
   """Decodes every prompt of `input_file`; returns the output path."""
   partitioning.initialize_distributed()
   prompts = read_prompts(input_file)
-  device_mesh = mesh()
-  trainer, params, step = restore_for_inference(model_dir, model, device_mesh, checkpoint_step)
+  restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
 
-  generate = _batch_generator(trainer.graphdef, params, max_decode_length=max_decode_length,
+  generate = _batch_generator(restored.graphdef, restored.params, max_decode_length=max_decode_length,
                               eos_id=vocabulary.eos_id, temperature=temperature)
   tokens, lengths = encode_prompts(prompts, vocabulary, max_prompt_length)
   rows = []
@@ -105,14 +105,14 @@ def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabular
     chunk = slice(start, start + batch_size)
     n = len(prompts[chunk])
     pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)])  # noqa: E731
-    with trainer.context():
+    with restored.partitioner.context():
       out, out_len = jax.device_get(generate(pad(tokens[chunk]), pad(lengths[chunk]),
                                              jax.random.fold_in(jax.random.key(seed), start)))
     for prompt, ids, k in zip(prompts[chunk], out[:n], out_len[:n]):
       ids = [int(t) for t in ids[:k] if t != vocabulary.eos_id]
       rows.append({"prompt": prompt, "output": vocabulary.decode(ids), "tokens": ids})
   name = os.path.splitext(os.path.basename(input_file))[0]
-  path = os.path.join(model_dir, "infer", f"{name}_step{step}.jsonl")
+  path = os.path.join(model_dir, "infer", f"{name}_step{restored.step}.jsonl")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:

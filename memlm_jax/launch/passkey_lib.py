@@ -3,8 +3,8 @@ r"""Passkey evaluation launcher: restore a checkpoint, run passkey retrieval at 
   python -m memlm_jax.eval --gin_file=runs/passkey_eval.gin --gin_file=<model>.gin \
       --gin.MODEL_DIR="'runs/passkey'" --gin.PASSKEY_LENGTHS="[2048, 1048576]"
 
-Models with a recurrent memory (`init_memory`) stream the prompt (bounded memory at any
-length); dense models prefill a KV cache and are reported as "exceeds_context" above
+Models that declare DecodingMode.MEMORY_STREAM stream the prompt (bounded memory at any
+length); KV_CACHE models prefill a KV cache and are reported as "exceeds_context" above
 `max_context`. Writes MODEL_DIR/eval/passkey_step<N>.json (schema: evaluation/passkey.py).
 """
 
@@ -25,9 +25,10 @@ from memlm_jax.decoding import kv_cache
 from memlm_jax.decoding.lm_decoding import MemoryStreamer, prepend_bos
 from memlm_jax.evaluation.passkey import evaluate_passkey
 from memlm_jax.launch.eval_lib import restore_for_inference, write_json
-from memlm_jax.models import infini_lm
+from memlm_jax.models import infini_lm, transformer_lm
 from memlm_jax.runtime import partitioning
 from memlm_jax.runtime import progress as progress_line
+from memlm_jax.runtime.partitioning import Partitioner
 
 
 def _log_progress(text: str) -> None:
@@ -63,12 +64,11 @@ def streaming_continue_fn(graphdef: nnx.GraphDef, params: Any, chunk_segments: i
 def dense_continue_fn(graphdef: nnx.GraphDef, params: Any, chunk: int) -> Callable[[np.ndarray, int], np.ndarray]:
   """Greedy continuation of equal-length prompts by a dense LM with a KV cache."""
   net = nnx.merge(graphdef, params)
-  lm = kv_cache.CachedLM(graphdef)
+  lm = kv_cache.CachedLM(transformer_lm.extend_apply_fn(graphdef))
 
   def continue_fn(prompts: np.ndarray, num_tokens: int) -> np.ndarray:
     prompts, _ = prepend_bos(prompts, np.zeros((prompts.shape[0],)))
-    length = prompts.shape[1]
-    cache = kv_cache.init_cache(net, prompts.shape[0], max(-(-length // chunk) * chunk, length + num_tokens))
+    cache = net.init_cache(prompts.shape[0], kv_cache.cache_positions_needed(prompts.shape[1], num_tokens, chunk))
     return kv_cache.greedy_continue(lm, params, cache, prompts, num_tokens, chunk=chunk)
 
   return continue_fn
@@ -80,24 +80,23 @@ def passkey_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
                  examples_per_bucket: int = 2, key_min: int = 10_000, key_max: int = 99_999, seed: int = EVAL_SEED,
                  max_context: int | None = None, label: str | None = None, chunk_segments: int = 64,
                  dense_chunk: int = 512, checkpoint_step: int | None = None,
-                 mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh) -> dict:
+                 partitioner: Callable[[], Partitioner] = Partitioner) -> dict:
   """Evaluates passkey retrieval; returns (and writes) the results dict."""
   partitioning.initialize_distributed()
-  trainer, params, step = restore_for_inference(model_dir, model, mesh(), checkpoint_step)
+  restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
   builder = PasskeyBuilder(vocabulary, key_min, key_max)
-  net = nnx.merge(trainer.graphdef, params)
-  with trainer.context():
-    if hasattr(net, "init_memory"):
-      continue_fn = streaming_continue_fn(trainer.graphdef, params, chunk_segments, _log_progress)
-      kind = f"Infini ({net.layers[0].attention.update_rule})"
+  net = restored.model()
+  with restored.partitioner.context():
+    if net.decoding_mode is transformer_lm.DecodingMode.MEMORY_STREAM:
+      continue_fn = streaming_continue_fn(restored.graphdef, restored.params, chunk_segments, _log_progress)
     else:
-      continue_fn = dense_continue_fn(trainer.graphdef, params, dense_chunk)
-      kind = "dense"
+      continue_fn = dense_continue_fn(restored.graphdef, restored.params, dense_chunk)
+    kind = net.label
     note = "" if max_context is None else f"{kind} evaluated up to {max_context} tokens (passkey_eval.max_context)"
     results = evaluate_passkey(continue_fn, builder, lengths, examples_per_bucket=examples_per_bucket, seed=seed,
                                max_context=max_context, context_note=note, progress=_log_result)
   note = "greedy; scored on the key's digit tokens (exact match: all right; token accuracy: the fraction right)"
-  payload = {"model": label or kind, "step": step, "metric_note": note, **results}
+  payload = {"model": label or kind, "step": restored.step, "metric_note": note, **results}
   if jax.process_index() == 0:
-    write_json(os.path.join(model_dir, "eval", f"passkey_step{step}.json"), payload)
+    write_json(os.path.join(model_dir, "eval", f"passkey_step{restored.step}.json"), payload)
   return payload

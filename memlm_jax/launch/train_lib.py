@@ -23,13 +23,14 @@ from absl import logging
 from clu import periodic_actions
 
 from memlm_jax import gin_utils
-from memlm_jax.data import lm_dataset
+from memlm_jax.data import pipeline
 from memlm_jax.evaluation.perplexity import lm_metrics
 from memlm_jax.runtime import partitioning
 from memlm_jax.runtime import progress as progress_line
 from memlm_jax.runtime import train_state as train_state_lib
 from memlm_jax.runtime.checkpoints import Checkpointer, warm_start_params
 from memlm_jax.runtime.optimizers import make_optimizer
+from memlm_jax.runtime.partitioning import Partitioner
 from memlm_jax.runtime.summaries import MetricsLogger
 from memlm_jax.runtime.trainer import Trainer
 
@@ -56,13 +57,13 @@ class _Preemption:
 
 @gin.configurable(denylist=["model_dir"])
 def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
-          train_dataset: lm_dataset.DatasetConfig = gin.REQUIRED,
+          train_dataset: pipeline.DatasetConfig = gin.REQUIRED,
           schedule: optax.Schedule = gin.REQUIRED,
           optimizer: Callable[..., optax.GradientTransformation] = make_optimizer,
-          mesh: Callable[[], jax.sharding.Mesh] = partitioning.make_mesh,
+          partitioner: Callable[[], Partitioner] = Partitioner,
           checkpointer: Callable[[str], Checkpointer] = Checkpointer,
           accum_steps: int = 1, seed: int = 0, log_every_steps: int = 10,
-          eval_dataset: lm_dataset.DatasetConfig | None = None, eval_every_steps: int = 0,
+          eval_dataset: pipeline.DatasetConfig | None = None, eval_every_steps: int = 0,
           init_from: str | None = None) -> dict[str, float]:
   """Trains `model` for `train_steps` optimizer updates; returns the last logged metrics.
 
@@ -81,22 +82,20 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
   if train_steps < 0:
     raise ValueError(f"train.train_steps must be >= 0, got {train_steps}.")
   partitioning.initialize_distributed()
-  device_mesh = mesh()
-  rules = partitioning.logical_axis_rules()
+  parts = partitioner()
   tx = optimizer(schedule=schedule)
   model_fn = lambda rngs: model(rngs=rngs)  # noqa: E731
   graphdef, abstract_params = train_state_lib.abstract_model(model_fn, seed)
-  abstract_state, shardings = train_state_lib.state_shardings((graphdef, abstract_params), tx, device_mesh, rules)
-  trainer = Trainer(graphdef, tx, schedule, device_mesh, rules, shardings, accum_steps=accum_steps,
-                    dropout_seed=seed + 1)
+  abstract_state, shardings = parts.train_state_shardings(abstract_params, tx)
+  trainer = Trainer(graphdef, tx, schedule, parts, shardings, accum_steps=accum_steps, dropout_seed=seed + 1)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
-  logging.info("Model: %d parameters; mesh %s.", num_params, dict(device_mesh.shape))
+  logging.info("Model: %d parameters; mesh %s.", num_params, dict(parts.mesh.shape))
 
-  iterator = lm_dataset.TfDataIterator(lm_dataset.get_dataset(train_dataset))
+  iterator = pipeline.TfDataIterator(pipeline.get_dataset(train_dataset))
   ckpt = checkpointer(os.path.join(model_dir, "checkpoints"))
   restored = ckpt.restore_latest(abstract_state, iterator)
   if restored is None:
-    with trainer.context():
+    with parts.context():
       state = train_state_lib.init_train_state(model_fn, tx, shardings, seed)
     start = 0
     logging.info("No checkpoint in %s: initialised from seed %d.", model_dir, seed)
@@ -151,7 +150,7 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
 
   try:
     for step in range(start + 1, train_steps + 1):
-      state, metrics = trainer.train_step(state, trainer.global_batch(next(iterator)))
+      state, metrics = trainer.train_step(state, parts.global_batch(next(iterator)))
       pending.append((step, metrics))
       if step == start + 1:
         gin_utils.write_config(model_dir, "operative_config.gin", gin.operative_config_str())
@@ -162,7 +161,8 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
       if must_save:
         ckpt.save(step, state, iterator, force=True)
       if eval_logger is not None and step % eval_every_steps == 0:
-        eval_logger.write(step, lm_metrics(trainer.eval_totals(state.params, lm_dataset.eval_batches(eval_dataset))))
+        totals = trainer.evaluator.eval_totals(state.params, pipeline.eval_batches(eval_dataset))
+        eval_logger.write(step, lm_metrics(totals))
       if preempted:
         logging.warning("Stopped at step %d after preemption; checkpoint saved.", step)
         break

@@ -1,18 +1,28 @@
-"""Multi-head causal attention with rotary position embeddings.
+"""Multi-head softmax attention with rotary position embeddings.
+
+One MultiHeadAttention serves every model: the caller gives the mask (causal over packed
+segments for the LMs, bidirectional over valid frames for the Conformer), and chunked
+decoding gives a KVCache (layers/cached_attention.py) instead of a mask.
 
 Logical axis names used here: parameters `embed`, `heads`, `kv`; activations
-`act_batch`, `act_length`, `act_embed`, `act_heads`, `act_kv`.
+sharding_names.HEAD_ACTIVATIONS.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import gin
 import jax
 import jax.numpy as jnp
-from flax import linen as nn_partitioning
 from flax import nnx
 
-_NEG_INF = -1e30
+from memlm_jax.layers.sharding_names import HEAD_ACTIVATIONS, constrain
+
+if TYPE_CHECKING:  # cached_attention imports this module's functions
+  from memlm_jax.layers.cached_attention import KVCache
+
+NEG_INF = -1e30
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_000.0) -> jax.Array:
@@ -63,7 +73,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
   """
   scale = query.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask, logits, _NEG_INF)
+  logits = jnp.where(mask, logits, NEG_INF)
   weights = jax.nn.softmax(logits, axis=-1)
   weights = jnp.where(mask, weights, 0.0)  # fully-masked (padding) rows attend to nothing
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
@@ -77,8 +87,9 @@ def repeat_kv_heads(x: jax.Array, num_heads: int) -> jax.Array:
 
 @gin.configurable
 class MultiHeadAttention(nnx.Module):
-  """Causal self-attention with RoPE over packed or padded sequences; grouped-query attention
-  when `num_kv_heads` < `num_heads` (query head j attends with key/value head j // group)."""
+  """Self-attention with RoPE over packed or padded sequences, under the mask the caller gives;
+  grouped-query attention when `num_kv_heads` < `num_heads` (query head j attends with key/value
+  head j // group)."""
 
   def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, num_kv_heads: int | None = None,
                rope_max_wavelength: float = 10_000.0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
@@ -104,21 +115,39 @@ class MultiHeadAttention(nnx.Module):
   def project_raw_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x: [batch, time, embed] -> q [batch, time, heads, head_dim], k, v [batch, time, kv_heads, head_dim],
     before RoPE."""
-    names = ("act_batch", "act_length", "act_heads", "act_kv")
-    return tuple(nn_partitioning.with_logical_constraint(proj(x), names)
-                 for proj in (self.query, self.key, self.value))
+    return tuple(constrain(proj(x), HEAD_ACTIVATIONS) for proj in (self.query, self.key, self.value))
 
-  def rotate(self, q: jax.Array, k: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Applies RoPE to q [batch, time, heads, dim] and k [batch, time, kv_heads, dim]; positions [batch, time]."""
-    return (rotary_embedding(q, positions, self.rope_max_wavelength),
-            rotary_embedding(k, positions, self.rope_max_wavelength))
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, positions: jax.Array,
+             cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Rotates raw q, k at `positions`, then softmax attention over this call's keys or over a cache.
 
-  def local_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of rotated q [b, t, heads, d] over k, v [b, t, kv_heads, d] -> [b, t, heads, d]."""
-    return dot_product_attention(q, repeat_kv_heads(k, self.num_heads), repeat_kv_heads(v, self.num_heads), mask)
+    Args:
+      q: [batch, time, heads, head_dim]; k, v: [batch, time, kv_heads, head_dim], before RoPE.
+      mask: without a cache, bool broadcastable to [batch, heads, time, time], which keys each query
+        sees; with a cache None (a query sees every cached key at a position <= its own).
+      positions: [batch, time] absolute positions (with a cache: offset..offset+time-1 in every row).
+      cache: None, or this layer's KVCache, which receives this call's k and v.
+    Returns:
+      (attended [batch, time, heads, head_dim] in q.dtype, before the output projection;
+       the cache with this call's keys and values written, or None).
+    """
+    q = rotary_embedding(q, positions, self.rope_max_wavelength)
+    k = rotary_embedding(k, positions, self.rope_max_wavelength)
+    if cache is not None:
+      if mask is not None:
+        raise ValueError("MultiHeadAttention: with a KV cache the mask must be None (visibility follows the "
+                         "positions).")
+      return cache.attend(q, k, v, positions)
+    heads = self.num_heads
+    return dot_product_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads), mask), None
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
-    """x: [batch, time, embed]; segment_ids, positions: [batch, time] -> [batch, time, embed]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array,
+               state: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x: [batch, time, embed]; mask and positions as in `attend`; state: an optional KVCache.
+
+    Returns:
+      (out [batch, time, embed], the cache after this call or None).
+    """
     q, k, v = self.project_raw_qkv(x)
-    q, k = self.rotate(q, k, positions)
-    return self.out(self.local_attention(q, k, v, causal_segment_mask(segment_ids)))
+    attended, state = self.attend(q, k, v, mask, positions, state)
+    return self.out(attended), state

@@ -27,12 +27,11 @@ from typing import Any, Callable, Sequence
 import gin
 import jax
 import jax.numpy as jnp
-from flax import linen as nn_partitioning
 from flax import nnx
 
 from memlm_jax.layers.attention import MultiHeadAttention
-
-ACTIVATION_NAMES = ("act_batch", "act_length", "act_embed")
+from memlm_jax.layers.checks import check_positive_sizes
+from memlm_jax.layers.sharding_names import EMBED_ACTIVATIONS, MLP_ACTIVATIONS, constrain
 
 # Builds the module applied after a block: factory(model_dim, rngs=...) -> module, and
 # module(x [batch, frames, model_dim], paddings [batch, frames], context) -> new x.
@@ -76,13 +75,6 @@ def paddings_from_lengths(lengths: jax.Array, frames: int, dtype: jnp.dtype) -> 
   return (jnp.arange(frames)[None, :] >= lengths[:, None]).astype(dtype)
 
 
-def check_positive(owner: str, **sizes: int) -> None:
-  """Raises ValueError naming the first size that is not a positive int."""
-  for name, value in sizes.items():
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}.")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Convolutional subsampling.
 
@@ -111,7 +103,7 @@ class ConvSubsampling(nnx.Module):
   def __init__(self, input_dim: int, model_dim: int, *, factor: int = 4, channels: int | None = None,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     channels = model_dim if channels is None else channels
-    check_positive("ConvSubsampling", input_dim=input_dim, model_dim=model_dim, channels=channels)
+    check_positive_sizes("ConvSubsampling", input_dim=input_dim, model_dim=model_dim, channels=channels)
     if factor not in (2, 4, 8):
       raise ValueError(f"ConvSubsampling.factor must be 2, 4 or 8, got {factor!r}.")
     num_convs = factor.bit_length() - 1
@@ -168,7 +160,7 @@ class DepthwiseConv1D(nnx.Module):
 
   def __init__(self, channels: int, kernel_size: int, *, channel_axis: str | None = "mlp",
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    check_positive("DepthwiseConv1D", channels=channels, kernel_size=kernel_size)
+    check_positive_sizes("DepthwiseConv1D", channels=channels, kernel_size=kernel_size)
     if kernel_size % 2 == 0:
       raise ValueError(f"DepthwiseConv1D.kernel_size must be odd (a centred kernel), got {kernel_size}.")
     self.kernel_size = kernel_size
@@ -198,8 +190,7 @@ class FeedForward(nnx.Module):
   def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
     """x: [batch, frames, dim] -> [batch, frames, dim]."""
     hidden = jax.nn.silu(self.up(self.norm(x)))
-    hidden = nn_partitioning.with_logical_constraint(hidden, ("act_batch", "act_length", "act_mlp"))
-    hidden = self.dropout(hidden, deterministic=deterministic, rngs=rngs)
+    hidden = self.dropout(constrain(hidden, MLP_ACTIVATIONS), deterministic=deterministic, rngs=rngs)
     return self.dropout(self.down(hidden), deterministic=deterministic, rngs=rngs)
 
 
@@ -220,9 +211,7 @@ class SelfAttention(nnx.Module):
     valid = paddings <= 0
     mask = (valid[:, :, None] & valid[:, None, :])[:, None]  # [batch, 1, q, k]
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), paddings.shape)
-    q, k, v = self.attention.project_raw_qkv(self.norm(x))
-    q, k = self.attention.rotate(q, k, positions)
-    out = self.attention.out(self.attention.local_attention(q, k, v, mask))
+    out, _ = self.attention(self.norm(x), mask, positions)
     return self.dropout(out, deterministic=deterministic, rngs=rngs)
 
 
@@ -259,8 +248,8 @@ class ConformerBlock(nnx.Module):
 
   def __init__(self, model_dim: int, num_heads: int, *, ff_mult: int = 4, conv_kernel: int = 31,
                dropout_rate: float = 0.0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    check_positive("ConformerBlock", model_dim=model_dim, num_heads=num_heads, ff_mult=ff_mult,
-                   conv_kernel=conv_kernel)
+    check_positive_sizes("ConformerBlock", model_dim=model_dim, num_heads=num_heads, ff_mult=ff_mult,
+                         conv_kernel=conv_kernel)
     kwargs = dict(dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
     self.ffn_in = FeedForward(model_dim, ff_mult, **kwargs)
     self.attention = SelfAttention(model_dim, num_heads, **kwargs)
@@ -279,7 +268,7 @@ class ConformerBlock(nnx.Module):
     x = x + self.attention(x, paddings, **kwargs)
     x = x + self.conv(x, paddings, **kwargs)
     x = x + 0.5 * self.ffn_out(x, **kwargs)
-    return nn_partitioning.with_logical_constraint(self.final_norm(x), ACTIVATION_NAMES)
+    return constrain(self.final_norm(x), EMBED_ACTIVATIONS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,8 +294,8 @@ class ConformerEncoder(nnx.Module):
                dropout_rate: float = 0.0, context_layers: Sequence[int] = (),
                context_module_factory: ContextModuleFactory | None = None, dtype: str | jnp.dtype = "float32",
                rngs: nnx.Rngs):
-    check_positive("ConformerEncoder", input_dim=input_dim, model_dim=model_dim, num_layers=num_layers,
-                   num_heads=num_heads)
+    check_positive_sizes("ConformerEncoder", input_dim=input_dim, model_dim=model_dim, num_layers=num_layers,
+                         num_heads=num_heads)
     context_layers = tuple(context_layers)
     if any(not isinstance(i, int) or not 0 <= i < num_layers for i in context_layers) or (
         len(set(context_layers)) != len(context_layers)):

@@ -22,17 +22,6 @@ def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
   return 2595.0 * np.log10(1.0 + np.asarray(hz, np.float64) / 700.0)
 
 
-def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
-  """Inverse of `hz_to_mel`."""
-  return 700.0 * (10.0 ** (np.asarray(mel, np.float64) / 2595.0) - 1.0)
-
-
-def mel_center_frequencies(num_mel_bins: int, lower_hz: float, upper_hz: float) -> np.ndarray:
-  """[num_mel_bins] centre frequencies in Hz, equally spaced on the mel scale between the edges."""
-  edges = np.linspace(hz_to_mel(lower_hz), hz_to_mel(upper_hz), num_mel_bins + 2)
-  return mel_to_hz(edges[1:-1])
-
-
 @functools.lru_cache(maxsize=16)
 def mel_filterbank(num_mel_bins: int, fft_length: int, sample_rate: int, lower_hz: float,
                    upper_hz: float) -> np.ndarray:

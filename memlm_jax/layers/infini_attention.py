@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memlm_jax.layers.attention import MultiHeadAttention, causal_segment_mask
+from memlm_jax.layers.attention import MultiHeadAttention
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # memory sums must not drop to bf16 passes on TPU
 
@@ -131,29 +131,32 @@ class InfiniAttention(MultiHeadAttention):
   def init_memory(self, batch_size: int) -> InfiniMemory:
     return empty_memory(batch_size, self.num_kv_heads, self.head_dim, self.head_dim)
 
-  def __call__(self, x: jax.Array, memory: InfiniMemory, mask: jax.Array,
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, state: InfiniMemory | None = None, *,
                write_weights: jax.Array | None = None) -> tuple[jax.Array, InfiniMemory]:
-    """One segment.
+    """One segment (MultiHeadAttention's call, with the memory as the state).
 
     Args:
       x: [batch, seg_len, embed].
-      memory: the memory before this segment.
-      mask: [batch, seg_len], 1 for real tokens, 0 for padding (not attended to, not written).
+      mask: [batch, 1, seg_len, seg_len] bool, the local attention mask (causal_segment_mask of the
+        segment's 0/1 token mask). A token is written into memory iff the mask lets it see itself,
+        so padding is neither attended to nor written.
+      positions: [batch, seg_len] RoPE positions of the local attention (0..seg_len-1).
+      state: the memory before this segment; None is the empty memory.
       write_weights: optional [batch, seg_len] float, each token's weight in the memory write
         (see memory_update); None writes every real token once.
     Returns:
       ([batch, seg_len, embed], memory after this segment).
     """
+    memory = self.init_memory(x.shape[0]) if state is None else state
     q, k, v = self.project_raw_qkv(x)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    rotated_q, rotated_k = self.rotate(q, k, positions)
-    local = self.local_attention(rotated_q, rotated_k, v, causal_segment_mask(mask.astype(jnp.int32)))
+    local, _ = self.attend(q, k, v, mask, positions)
     if not self.use_memory:
       return self.out(local), memory
     retrieved = _retrieve_grouped(q, memory)
     gate = jax.nn.sigmoid(self.gate[...])[:, None]  # [heads, 1]
     combined = gate * retrieved + (1.0 - gate) * local.astype(jnp.float32)
     to_heads_first = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731  [b, t, h, d] -> [b, h, t, d]
+    written = jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)  # [batch, seg_len]
     new_mem, new_z = memory_update(to_heads_first(k), to_heads_first(v), memory.mem, memory.z,
-                                   delta=self.update_rule == "delta", mask=mask, write_weights=write_weights)
+                                   delta=self.update_rule == "delta", mask=written, write_weights=write_weights)
     return self.out(combined.astype(self.dtype)), InfiniMemory(new_mem, new_z)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gin
 import jax
 import jax.numpy as jnp
-from flax import linen as nn_partitioning
 from flax import nnx
 
-
-ACTIVATION_NAMES = ("act_batch", "act_length", "act_embed")
+from memlm_jax.layers.sharding_names import EMBED_ACTIVATIONS, MLP_ACTIVATIONS, constrain
 
 
 def rms_norm(dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -33,13 +33,13 @@ class GatedMlp(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [batch, time, embed] -> [batch, time, embed]."""
     hidden = jax.nn.silu(self.wi_0(x)) * self.wi_1(x)
-    hidden = nn_partitioning.with_logical_constraint(hidden, ("act_batch", "act_length", "act_mlp"))
-    return self.wo(hidden)
+    return self.wo(constrain(hidden, MLP_ACTIVATIONS))
 
 
 class DecoderBlock(nnx.Module):
-  """One pre-norm Transformer decoder layer. `attention` may be any module with the
-  MultiHeadAttention call signature (the Infini-attention layer plugs in here)."""
+  """One pre-norm Transformer decoder layer. `attention` is a MultiHeadAttention or a subclass
+  with its call signature, (x, mask, positions, state) -> (out, state): the Infini-attention
+  layer plugs in here with its memory as the state."""
 
   def __init__(self, embed_dim: int, mlp_dim: int, attention: nnx.Module, *, dropout_rate: float = 0.0,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
@@ -49,16 +49,13 @@ class DecoderBlock(nnx.Module):
     self.mlp = GatedMlp(embed_dim, mlp_dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """x: [batch, time, embed]; segment_ids, positions: [batch, time] -> [batch, time, embed]."""
-    attended = self.attention(self.attention_norm(x), segment_ids, positions)
-    return self.add_attention_and_mlp(x, attended, deterministic=deterministic, rngs=rngs)
-
-  def add_attention_and_mlp(self, x: jax.Array, attended: jax.Array, *, deterministic: bool,
-                            rngs: nnx.Rngs | None) -> jax.Array:
-    """The residual steps after attention: x + attended, then x + mlp(norm(x)); all [batch, time, embed]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array, state: Any = None, *,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None,
+               **attention_kwargs: jax.Array | None) -> tuple[jax.Array, Any]:
+    """x: [batch, time, embed]; mask, positions, state and attention_kwargs go to the attention
+    (see MultiHeadAttention.attend) -> ([batch, time, embed], the attention's new state)."""
+    attended, state = self.attention(self.attention_norm(x), mask, positions, state, **attention_kwargs)
     x = x + self.dropout(attended, deterministic=deterministic, rngs=rngs)
     h = self.mlp(self.mlp_norm(x))
     x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
-    return nn_partitioning.with_logical_constraint(x, ACTIVATION_NAMES)
+    return constrain(x, EMBED_ACTIVATIONS), state

@@ -41,6 +41,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+# The blank label's id in every transducer vocabulary (the loss, the prediction network's start
+# symbol, decoding and phrase boosting all use this one).
+BLANK_ID = 0
+
 # Returned (with zero gradient) for an example that has no valid alignment: U > 0 labels
 # but T = 0 frames. An example with T = 0 and U = 0 (an all-padding row) returns 0.
 INFEASIBLE_LOSS = 1e9
@@ -301,7 +305,7 @@ def _check_blank_id(blank_id: int, vocab: int) -> None:
 
 
 def rnnt_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array,
-              label_paddings: jax.Array, blank_id: int = 0) -> jax.Array:
+              label_paddings: jax.Array, blank_id: int = BLANK_ID) -> jax.Array:
   """Per-example RNN-T negative log-likelihood.
 
   Args:
@@ -364,7 +368,7 @@ def rnnt_loss_from_logprobs(blank_logprobs: jax.Array, label_logprobs: jax.Array
 
 def rnnt_loss_from_joint(encoder_out: jax.Array, predictor_out: jax.Array, joint_fn: JointFn, joint_params: Any,
                          logit_paddings: jax.Array, labels: jax.Array, label_paddings: jax.Array,
-                         blank_id: int = 0, frame_chunk: int = 16) -> jax.Array:
+                         blank_id: int = BLANK_ID, frame_chunk: int = 16) -> jax.Array:
   """Memory-lean `rnnt_loss`: the joint logits exist one chunk of frames at a time.
 
   Args:

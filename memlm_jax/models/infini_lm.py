@@ -7,6 +7,10 @@ segment's, while gradients still flow through M and z into earlier segments.
 
 Training batches come from seqio's DecoderFeatureConverter unpacked (pack=False):
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` [batch, time].
+
+Decoding interface (DecodingMode.MEMORY_STREAM): `init_memory(batch)` and the call
+`(tokens, memory, mask) -> (logits, memory)` over whole segments; `streaming_apply_fn`
+wraps it for decoding.lm_decoding.MemoryStreamer.
 """
 
 from __future__ import annotations
@@ -18,23 +22,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memlm_jax.layers.attention import causal_segment_mask
+from memlm_jax.layers.checks import check_positive_sizes
 from memlm_jax.layers.infini_attention import InfiniAttention, InfiniMemory
 from memlm_jax.layers.transformer import DecoderBlock
 from memlm_jax.losses.cross_entropy import weighted_cross_entropy
-from memlm_jax.models.transformer_lm import DecoderLMBase, check_positive_sizes
+from memlm_jax.models.transformer_lm import DecoderLMBase, DecodingMode
 
 Memory = tuple[InfiniMemory, ...]  # one per layer
 WRITE_WEIGHTS = "memory_write_weights"  # optional batch feature [batch, time], see InfiniTransformerLM.loss
-
-
-class InfiniDecoderBlock(DecoderBlock):
-  """Pre-norm decoder layer whose attention reads and writes an Infini memory."""
-
-  def __call__(self, x: jax.Array, memory: InfiniMemory, mask: jax.Array, write_weights: jax.Array | None = None, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, InfiniMemory]:
-    """x: [batch, seg_len, embed]; mask, write_weights: [batch, seg_len] -> ([batch, seg_len, embed], new memory)."""
-    attended, memory = self.attention(self.attention_norm(x), memory, mask, write_weights)
-    return self.add_attention_and_mlp(x, attended, deterministic=deterministic, rngs=rngs), memory
 
 
 @gin.configurable
@@ -44,6 +40,8 @@ class InfiniTransformerLM(DecoderLMBase):
   `update_rule` is 'linear' or 'delta'; `use_memory=False` gives the dense model restricted
   to each segment (same parameters minus the gates). `gate_init` is beta's initial value.
   """
+
+  decoding_mode = DecodingMode.MEMORY_STREAM
 
   def __init__(self, vocab_size: int = gin.REQUIRED, embed_dim: int = gin.REQUIRED, num_layers: int = gin.REQUIRED,
                num_heads: int = gin.REQUIRED, head_dim: int = gin.REQUIRED, mlp_dim: int = gin.REQUIRED,
@@ -58,16 +56,21 @@ class InfiniTransformerLM(DecoderLMBase):
                   rngs=rngs)
     self._init_sizes(num_layers, num_heads, num_kv_heads, head_dim, mlp_dim)
     self.segment_length = segment_length
+    self.update_rule = update_rule
     self.use_memory = use_memory
     self.remat = remat
     self.layers = nnx.List([
-        InfiniDecoderBlock(embed_dim, mlp_dim,
-                           InfiniAttention(embed_dim, num_heads, head_dim, num_kv_heads=num_kv_heads,
-                                           update_rule=update_rule, use_memory=use_memory, gate_init=gate_init,
-                                           rope_max_wavelength=rope_max_wavelength, dtype=dtype, rngs=rngs),
-                           dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
+        DecoderBlock(embed_dim, mlp_dim,
+                     InfiniAttention(embed_dim, num_heads, head_dim, num_kv_heads=num_kv_heads,
+                                     update_rule=update_rule, use_memory=use_memory, gate_init=gate_init,
+                                     rope_max_wavelength=rope_max_wavelength, dtype=dtype, rngs=rngs),
+                     dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
         for _ in range(num_layers)
     ])
+
+  @property
+  def label(self) -> str:
+    return f"Infini ({self.update_rule})"
 
   def init_memory(self, batch_size: int) -> Memory:
     """Empty memory of every layer: M [batch, kv_heads, head_dim, head_dim], z [batch, kv_heads, head_dim]."""
@@ -87,11 +90,9 @@ class InfiniTransformerLM(DecoderLMBase):
     """tokens, mask, write_weights [batch, seg_len] -> (hidden [batch, seg_len, embed] before the final norm,
     memory)."""
     x = self.embed_tokens(tokens, deterministic=deterministic, rngs=rngs)
-    new_memory = []
-    for layer, layer_memory in zip(self.layers, memory):
-      x, layer_memory = layer(x, layer_memory, mask, write_weights, deterministic=deterministic, rngs=rngs)
-      new_memory.append(layer_memory)
-    return x, tuple(new_memory)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)  # from 0 per segment
+    return self.run_layers(x, causal_segment_mask(mask), positions, memory, deterministic=deterministic, rngs=rngs,
+                           write_weights=write_weights)
 
   def __call__(self, tokens: jax.Array, memory: Memory | None = None, mask: jax.Array | None = None, *,
                write_weights: jax.Array | None = None, deterministic: bool = True,

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memlm_jax.decoding.transducer_beam import TransducerFns
 from memlm_jax.layers.conformer import ConformerEncoder
 from memlm_jax.layers.frontend import LogMelFrontend, SpecAugment
 from memlm_jax.losses import rnnt
@@ -85,7 +84,17 @@ class Transducer(nnx.Module):
     nll = self.per_example_nll(batch, deterministic=deterministic, rngs=rngs)
     return {"loss_sum": jnp.sum(nll), "weight_sum": jnp.sum(1.0 - batch["target_paddings"].astype(jnp.float32))}
 
-  def decoding_fns(self) -> TransducerFns:
-    """The predictor and joint as the pure functions the greedy / beam search take."""
-    return TransducerFns(predictor_init=self.predictor.init_state, predictor_step=self.predictor.step,
-                         joint=self.joint)
+  # The step functions decoding takes (decoding/transducer_beam.py: TransducerFns.from_model).
+
+  def init_decoder_state(self, batch_size: int) -> Any:
+    """The prediction network's state before any label (pytree, every leaf [batch_size, ...])."""
+    return self.predictor.init_state(batch_size)
+
+  def decoder_step(self, state: Any, labels: jax.Array) -> tuple[jax.Array, Any]:
+    """Consumes labels [n] int32 (blank = the start symbol) -> (predictor_out [n, pred_dim], new state)."""
+    return self.predictor.step(state, labels)
+
+  def joint_logits(self, encoder_out: jax.Array, predictor_out: jax.Array) -> jax.Array:
+    """Broadcastable encoder_out [..., enc_dim] and predictor_out [..., pred_dim] -> logits [..., vocab]
+    (blank = losses.rnnt.BLANK_ID)."""
+    return self.joint(encoder_out, predictor_out)

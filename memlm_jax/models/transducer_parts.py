@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-BLANK_ID = 0
+from memlm_jax.losses.rnnt import BLANK_ID
 
 
 def _embedding(vocab_size: int, dim: int, rngs: nnx.Rngs) -> nnx.Embed:

@@ -4,21 +4,30 @@ The baseline the memory-augmented models are compared against. Batches are the
 output of seqio's DecoderFeatureConverter: `decoder_input_tokens`,
 `decoder_target_tokens`, `decoder_loss_weights` [batch, time], plus
 `decoder_segment_ids` / `decoder_positions` when packed.
+
+Decoding interface (DecodingMode.KV_CACHE): `init_cache(batch, max_length)` and
+`extend(tokens, cache, offset)`, a chunk of tokens through the model reading and extending a
+preallocated key/value cache; `extend_apply_fn` wraps it for decoding.kv_cache.CachedLM.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import enum
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
-from flax import linen as nn_partitioning
 from flax import nnx
 
-from memlm_jax.layers.attention import MultiHeadAttention
+from memlm_jax.layers.attention import MultiHeadAttention, causal_segment_mask
+from memlm_jax.layers.cached_attention import KVCache, cache_length, check_room
+from memlm_jax.layers.checks import check_positive_sizes
+from memlm_jax.layers.sharding_names import EMBED_ACTIVATIONS, LOGIT_ACTIVATIONS, constrain
 from memlm_jax.layers.transformer import DecoderBlock, rms_norm
 from memlm_jax.losses.cross_entropy import weighted_cross_entropy
+
+Cache = tuple[KVCache, ...]  # one per layer
 
 
 def segments_and_positions(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -31,15 +40,17 @@ def segments_and_positions(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, j
   return segment_ids, positions
 
 
-def check_positive_sizes(owner: str, **sizes: int) -> None:
-  """Raises ValueError naming the first size that is not a positive int."""
-  for name, value in sizes.items():
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}.")
+class DecodingMode(enum.Enum):
+  """The decoding interface a decoder-only LM declares (DecoderLMBase.decoding_mode)."""
+  KV_CACHE = "kv_cache"  # init_cache(batch, max_length); extend(tokens, cache, offset) -> (logits, cache)
+  MEMORY_STREAM = "memory_stream"  # init_memory(batch); (tokens, memory, mask) -> (logits, memory) by segments
 
 
 class DecoderLMBase(nnx.Module):
-  """Token embedding, final norm and logits head shared by the decoder-only LMs."""
+  """Token embedding, the stack of decoder blocks, final norm and logits head shared by the
+  decoder-only LMs. A subclass sets `decoding_mode` and `label` (a short name for reports)."""
+
+  decoding_mode: DecodingMode
 
   def _init_io(self, vocab_size: int, embed_dim: int, *, dropout_rate: float, tie_embeddings: bool,
                dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
@@ -87,7 +98,18 @@ class DecoderLMBase(nnx.Module):
   def embed_tokens(self, tokens: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
     """tokens [batch, time] -> [batch, time, embed] in the compute dtype."""
     x = self.dropout(self.embedding(tokens), deterministic=deterministic, rngs=rngs)
-    return nn_partitioning.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    return constrain(x, EMBED_ACTIVATIONS)
+
+  def run_layers(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array, states: Sequence[Any], *,
+                 deterministic: bool, rngs: nnx.Rngs | None,
+                 **attention_kwargs: jax.Array | None) -> tuple[jax.Array, tuple[Any, ...]]:
+    """x [batch, time, embed] through every DecoderBlock, each with its attention state (None, a
+    KVCache or an Infini memory) -> (x [batch, time, embed] before the final norm, the new states)."""
+    new_states = []
+    for layer, state in zip(self.layers, states, strict=True):
+      x, state = layer(x, mask, positions, state, deterministic=deterministic, rngs=rngs, **attention_kwargs)
+      new_states.append(state)
+    return x, tuple(new_states)
 
   def hidden_to_logits(self, x: jax.Array) -> jax.Array:
     """x [batch, time, embed] (before the final norm) -> logits [batch, time, vocab] float32."""
@@ -96,13 +118,14 @@ class DecoderLMBase(nnx.Module):
       logits = self.embedding.attend(x) / jnp.sqrt(self.embed_dim).astype(x.dtype)
     else:
       logits = self.logits_head(x)
-    logits = nn_partitioning.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
-    return logits.astype(jnp.float32)
+    return constrain(logits, LOGIT_ACTIVATIONS).astype(jnp.float32)
 
 
 @gin.configurable
 class TransformerLM(DecoderLMBase):
   """Decoder-only LM. Parameters are float32; `dtype` is the compute dtype."""
+
+  decoding_mode = DecodingMode.KV_CACHE
 
   def __init__(self, vocab_size: int = gin.REQUIRED, embed_dim: int = gin.REQUIRED, num_layers: int = gin.REQUIRED,
                num_heads: int = gin.REQUIRED, head_dim: int = gin.REQUIRED, mlp_dim: int = gin.REQUIRED, *,
@@ -126,9 +149,45 @@ class TransformerLM(DecoderLMBase):
                deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
     """tokens, segment_ids, positions: [batch, time] -> logits [batch, time, vocab] float32."""
     x = self.embed_tokens(tokens, deterministic=deterministic, rngs=rngs)
-    for layer in self.layers:
-      x = layer(x, segment_ids, positions, deterministic=deterministic, rngs=rngs)
+    x, _ = self.run_layers(x, causal_segment_mask(segment_ids), positions, (None,) * len(self.layers),
+                           deterministic=deterministic, rngs=rngs)
     return self.hidden_to_logits(x)
+
+  @property
+  def label(self) -> str:
+    return "dense"
+
+  def init_cache(self, batch_size: int, max_length: int, *, key_block: int | None = None) -> Cache:
+    """Zero cache of every layer: k, v [batch, max_length, kv_heads, head_dim] in the compute dtype.
+
+    key_block: None to attend over the whole cache in each extend, else a divisor of max_length:
+    attend block by block, only up to the chunk's last position (see layers/cached_attention.py).
+    """
+    return tuple(KVCache.zeros(batch_size, max_length, self.num_kv_heads, self.head_dim, self.dtype,
+                               key_block=key_block) for _ in range(self.num_layers))
+
+  def cache_bytes(self, batch_size: int, max_length: int) -> int:
+    """Bytes of the cache init_cache would allocate (nothing is allocated)."""
+    per_tensor = batch_size * max_length * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+    return 2 * self.num_layers * per_tensor
+
+  def extend(self, tokens: jax.Array, cache: Cache, offset: int | jax.Array) -> tuple[jax.Array, Cache]:
+    """One chunk through the model, reading and extending the cache (inference: no dropout).
+
+    Args:
+      tokens: [batch, chunk] int tokens at absolute positions offset..offset+chunk-1.
+      cache: from init_cache or a previous call; chunks before `offset` must already be in it.
+      offset: int or int32 scalar (traced inside jit).
+    Returns:
+      (logits [batch, chunk, vocab] float32, the cache with this chunk's rotated K and V written).
+    """
+    batch, chunk = tokens.shape
+    check_room(offset, chunk, cache_length(cache))
+    offset = jnp.asarray(offset, jnp.int32)
+    positions = jnp.broadcast_to(offset + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
+    x = self.embed_tokens(tokens, deterministic=True, rngs=None)
+    x, cache = self.run_layers(x, None, positions, cache, deterministic=True, rngs=None)
+    return self.hidden_to_logits(x), cache
 
   def loss(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
            rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
@@ -136,3 +195,13 @@ class TransformerLM(DecoderLMBase):
     segment_ids, positions = segments_and_positions(batch)
     logits = self(batch["decoder_input_tokens"], segment_ids, positions, deterministic=deterministic, rngs=rngs)
     return weighted_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+
+
+ExtendFn = Callable[[Any, jax.Array, Cache, jax.Array], tuple[jax.Array, Cache]]
+
+
+def extend_apply_fn(graphdef: nnx.GraphDef) -> ExtendFn:
+  """(params, tokens, cache, offset) -> (logits, cache): TransformerLM.extend for decoding.kv_cache.CachedLM."""
+  def apply(params, tokens, cache, offset):
+    return nnx.merge(graphdef, params).extend(tokens, cache, offset)
+  return apply

@@ -1,46 +1,35 @@
-"""Device mesh, logical-axis rules and the shardings derived from them.
+"""The Partitioner: the device mesh, the logical-axis rules and every sharding derived from them.
 
-Modules annotate parameters and activations with logical names (`embed`, `mlp`,
-`heads`, `kv`, `vocab`, `act_batch`, ...). The rules (set from gin, see
-configs/mesh/*.gin) map each logical name to a mesh axis (`data`, `fsdp`,
-`tensor`), a tuple of them, or None for replicated.
+Modules annotate parameters and activations with logical names (`embed`, `mlp`, `heads`, `kv`,
+`vocab`, `act_batch`, ...). The rules, gin data in configs/mesh/logical_axis_rules.gin (included by
+every configs/mesh/*.gin), map each logical name to a mesh axis (`data`, `fsdp`, `tensor`), a tuple
+of them, or None for replicated. The Partitioner is the one place that turns names into shardings:
+parameters, the whole train state (optimizer state follows its parameter), host batches and
+microbatches; `context()` activates the mesh and the rules while steps are traced and run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from memlm_jax.runtime.train_state import TrainState, path_keys
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 LogicalRules = tuple[tuple[str, Any], ...]
-
-DEFAULT_RULES: LogicalRules = (
-    # Parameters.
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("norm", None),
-    # Activations.
-    ("act_batch", BATCH_AXES),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-    ("act_vocab", "tensor"),
-)
 
 
 @gin.configurable
@@ -73,16 +62,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, num_devices: in
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-@gin.configurable
-def logical_axis_rules(rules: Sequence[Sequence[Any]] = DEFAULT_RULES, overrides: Sequence[Sequence[Any]] = ()
-                       ) -> LogicalRules:
-  """The logical-to-mesh rules; `overrides` replace the entries of `rules` they name."""
-  merged = {name: target for name, target in rules}
-  merged.update({name: target for name, target in overrides})
+def merge_rules(rules: Sequence[Sequence[Any]], overrides: Sequence[Sequence[Any]] = ()) -> LogicalRules:
+  """The logical-to-mesh rules with `overrides` replacing the entries they name; checks every
+  target is a mesh axis (or None)."""
+  merged: dict[str, Any] = {}
+  for entry in list(rules) + list(overrides):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+      raise ValueError(f"logical axis rule {entry!r}: expected a pair (logical_name, mesh_axis or tuple or None).")
+    merged[entry[0]] = entry[1]
   for name, target in merged.items():
     for axis in (target if isinstance(target, (tuple, list)) else (target,)):
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(f"logical_axis_rules: '{name}' maps to '{axis}', expected one of {MESH_AXES} or None.")
+        raise ValueError(f"logical axis rule '{name}' maps to {axis!r}, expected one of {MESH_AXES} or None.")
   return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in merged.items())
 
 
@@ -95,7 +86,7 @@ def logical_to_mesh_spec(logical: Sequence[str | None], rules: LogicalRules, wha
       mesh_axes.append(None)
     elif name not in table:
       raise ValueError(f"{what} is annotated with logical axis '{name}', which no rule maps; "
-                       f"add it to logical_axis_rules (known: {sorted(table)}).")
+                       f"add it to Partitioner.logical_axis_rules (known: {sorted(table)}).")
     else:
       mesh_axes.append(table[name])
   used = [a for axes in mesh_axes if axes for a in (axes if isinstance(axes, tuple) else (axes,))]
@@ -115,33 +106,110 @@ def _fits(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionS
   return PartitionSpec(*fitted)
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: LogicalRules) -> dict:
-  """NamedShardings (as a pure dict mirroring `state.to_pure_dict()`) from the
-  `with_partitioning` annotations of an (abstract) NNX state."""
-
-  shardings: dict = {}
-  for path, variable in nnx.to_flat_state(abstract_state):
-    names = variable.get_metadata().get("out_sharding") or ()
-    where = "parameter " + "/".join(str(p) for p in path)
-    spec = logical_to_mesh_spec(names, rules, where)
-    fitted = _fits(spec, variable.shape, mesh)
-    if fitted != spec:
-      logging.warning("%s %s: %s does not divide evenly on mesh %s; replicating those dims.",
-                      where, variable.shape, spec, dict(mesh.shape))
-    node = shardings
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = NamedSharding(mesh, fitted)
-  return shardings
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (same tree structure)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over data x fsdp; the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+@gin.configurable
+class Partitioner:
+  """Owns the device mesh and the logical-axis rules, and derives every sharding from them.
 
+  Args:
+    logical_axis_rules: pairs (logical name, mesh axis | tuple of mesh axes | None); gin data in
+      configs/mesh/logical_axis_rules.gin.
+    rule_overrides: pairs replacing the entries of `logical_axis_rules` they name (e.g.
+      `Partitioner.rule_overrides = [('embed', None)]`).
+    mesh: a Mesh, or a factory called with no arguments (`make_mesh`, configured by configs/mesh/*.gin).
+  """
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
+  def __init__(self, logical_axis_rules: Sequence[Sequence[Any]] = gin.REQUIRED,
+               rule_overrides: Sequence[Sequence[Any]] = (), mesh: Mesh | Callable[[], Mesh] = make_mesh):
+    self.rules = merge_rules(logical_axis_rules, rule_overrides)
+    self.mesh = mesh if isinstance(mesh, Mesh) else mesh()
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def batch_shards(self) -> int:
+    """How many ways the batch dimension is split (data x fsdp)."""
+    return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+
+  @contextlib.contextmanager
+  def context(self) -> Iterator[None]:
+    """Mesh and logical rules active while tracing or running sharded computations."""
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules), nnx.use_eager_sharding(False):
+      yield
+
+  def param_shardings(self, abstract_params: nnx.State) -> dict:
+    """NamedShardings (a pure dict mirroring `abstract_params.to_pure_dict()`) from the
+    `with_partitioning` annotations of an (abstract) NNX parameter state."""
+    shardings: dict = {}
+    for path, variable in nnx.to_flat_state(abstract_params):
+      names = variable.get_metadata().get("out_sharding") or ()
+      where = "parameter " + "/".join(str(p) for p in path)
+      spec = logical_to_mesh_spec(names, self.rules, where)
+      fitted = _fits(spec, variable.shape, self.mesh)
+      if fitted != spec:
+        logging.warning("%s %s: %s does not divide evenly on mesh %s; replicating those dims.",
+                        where, variable.shape, spec, dict(self.mesh.shape))
+      node = shardings
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = NamedSharding(self.mesh, fitted)
+    return shardings
+
+  def abstract_params(self, abstract_params: nnx.State) -> dict:
+    """ShapeDtypeStructs of the parameters with their shardings (a restore target)."""
+    return with_shardings(abstract_params.to_pure_dict(), self.param_shardings(abstract_params))
+
+  def opt_state_shardings(self, abstract_opt_state: Any, abstract_params: dict, param_shardings: dict) -> Any:
+    """Each optimizer-state leaf that mirrors a parameter (same key-path suffix and shape) is
+    sharded like it; everything else (counts, factored second moments) is replicated."""
+    by_path = {}
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                      jax.tree.leaves(param_shardings)):
+      by_path[path_keys(path)] = (leaf.shape, sharding)
+
+    def one(path, leaf):
+      keys = path_keys(path)
+      for start in range(len(keys)):
+        match = by_path.get(keys[start:])
+        if match is not None and match[0] == leaf.shape:
+          return match[1]
+      return self.replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+  def train_state_shardings(self, abstract_params: nnx.State, optimizer: optax.GradientTransformation
+                            ) -> tuple[TrainState, TrainState]:
+    """(abstract TrainState of ShapeDtypeStructs with shardings, TrainState of NamedShardings)."""
+    p_shardings = self.param_shardings(abstract_params)
+    pure_params = abstract_params.to_pure_dict()
+    abstract_opt = jax.eval_shape(optimizer.init, pure_params)
+    shardings = TrainState(step=self.replicated, params=p_shardings,
+                           opt_state=self.opt_state_shardings(abstract_opt, pure_params, p_shardings))
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=pure_params, opt_state=abstract_opt)
+    return with_shardings(abstract, shardings), shardings
+
+  def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host-local numpy arrays [local_batch, ...] -> global arrays sharded over (data, fsdp)."""
+    rows = {len(v) for v in local_batch.values()}
+    if any((r * jax.process_count()) % self.batch_shards for r in rows):
+      raise ValueError(f"a global batch of {sorted(rows)[0] * jax.process_count()} rows cannot be split over the "
+                       f"mesh's data x fsdp = {self.batch_shards} shards; make the batch size a multiple of "
+                       f"{self.batch_shards}.")
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+  def split_microbatches(self, x: jax.Array, accum_steps: int) -> jax.Array:
+    """[batch, ...] -> [accum, batch / accum, ...] (inside jit); microbatch i = rows i, i+accum, ...
+    so every microbatch stays spread over all batch shards."""
+    batch = x.shape[0]
+    if batch % accum_steps:
+      raise ValueError(f"global batch size {batch} is not divisible by accum_steps={accum_steps}.")
+    x = x.reshape(batch // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES)))
 
 
 @gin.configurable

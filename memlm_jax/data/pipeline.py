@@ -1,4 +1,5 @@
-"""Per-host LM batches from a seqio task or mixture, with a checkpointable position.
+"""The input pipeline: DatasetConfig -> per-host batches (LM tokens or speech) from a seqio task or
+mixture, with a checkpointable position.
 
 The pipeline is deterministic given the seed: seqio shuffles with it, tf.data runs
 deterministically, and the iterator's position is saved with each checkpoint
@@ -16,7 +17,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from memlm_jax.data.speech_features import SpeechFeatureConverter
+from memlm_jax.data import speech_features
 
 
 @gin.configurable
@@ -38,8 +39,9 @@ class DatasetConfig:
   module: str | None = None  # imported first: registers user seqio tasks
   # 'decoder': LM loss on every token of "targets"; 'prefix_lm': "inputs" then "targets" in
   # one sequence, loss on the targets only (their length: targets_length) unless
-  # loss_on_targets_only is False; 'speech': "audio" padded to sequence_length samples and
-  # "targets" to targets_length labels, with paddings (data/speech_features.py).
+  # loss_on_targets_only is False; 'speech': speech_features.speech_dataset's batches, "audio"
+  # padded to sequence_length samples (MAX_AUDIO_SAMPLES in the speech configs) and "targets"
+  # to targets_length labels, with paddings and the bias phrases as arrays.
   feature_converter: str = "decoder"
   targets_length: int = 8
   loss_on_targets_only: bool = True
@@ -83,8 +85,11 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
   elif config.feature_converter == "speech":
     if config.pack:
       raise ValueError("DatasetConfig.pack must be False for feature_converter='speech' (utterances are not packed).")
-    converter = SpeechFeatureConverter()
-    feature_lengths = {"audio": config.sequence_length, "targets": config.targets_length}
+    return speech_features.speech_dataset(
+        config.mixture_or_task_name, config.split, config.batch_size // jax.process_count(), config.sequence_length,
+        config.targets_length, shuffle=config.shuffle, seed=config.seed, num_epochs=config.num_epochs,
+        drop_remainder=drop_remainder,
+        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
   else:
     raise ValueError(f"DatasetConfig.feature_converter must be 'decoder', 'prefix_lm' or 'speech', got "
                      f"{config.feature_converter!r}.")

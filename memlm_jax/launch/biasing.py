@@ -1,0 +1,119 @@
+"""Contextual biasing of the ASR eval as gin-configured objects: `asr_eval.biasing = @KmpBiasing()`.
+
+A biasing object is checked once, when it is built; it names its result files, records its
+settings in the result JSON, and turns a batch's phrase arrays (bias_tokens [batch, phrases,
+phrase_len] with bias_paddings, data/speech_features.py) into what the decoder fuses into the
+beam search. decoding/ itself takes arrays and callables only.
+
+`kmp_sweep` lists several settings for one process (`asr_eval.biasing = @kmp_sweep()`): the
+model is restored once and one decoder compiled per (mode, top_k), every delta and list reusing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Sequence
+
+import gin
+import numpy as np
+
+from memlm_jax.decoding.kmp import PhraseTable, kmp_fusion, phrase_table_from_padded
+from memlm_jax.decoding.transducer_beam import ScoreFusion
+
+BIASING_MODES = ("shallow", "rescore")
+BIAS_LISTS = ("utterance", "anti")
+# What the result JSON records without biasing.
+NO_BIASING = {"biasing_delta": 0.0, "biasing_mode": None, "biasing_top_k": None, "bias_lists": None}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class KmpBiasing:
+  """KMP phrase boosting (decoding/kmp.py) of one eval run; bad values raise ValueError.
+
+  delta: bonus per matched token, >= 0; 0 = no biasing (the unbiased run and its file).
+  mode: 'shallow' (the bonus of every label before pruning) or 'rescore' (of the surviving
+    expansions only).
+  top_k: 'shallow' only: the bonus only for each hypothesis's top_k labels (None = all labels).
+  bias_lists: 'utterance' (each utterance's own "bias" list) or 'anti' (a distractor list of the
+    same size drawn from the other utterances' phrases absent from its transcript,
+    evaluation/bias_lists.py).
+  chain_width: fixed failure-chain width of the phrase tables (None = the phrase length of the
+    batches, which fits any phrase), so every batch shares one compilation.
+  anti_seed: seed of the anti-biasing draw.
+  """
+  delta: float = gin.REQUIRED
+  mode: str = "shallow"
+  top_k: int | None = None
+  bias_lists: str = "utterance"
+  chain_width: int | None = None
+  anti_seed: int = 0
+
+  def __post_init__(self):
+    if not (isinstance(self.delta, numbers.Real) and np.isfinite(self.delta) and self.delta >= 0):
+      raise ValueError(f"KmpBiasing.delta must be a finite bonus >= 0 (0 = no biasing), got {self.delta!r}.")
+    if self.mode not in BIASING_MODES:
+      raise ValueError(f"KmpBiasing.mode must be one of {BIASING_MODES}, got {self.mode!r}.")
+    if self.bias_lists not in BIAS_LISTS:
+      raise ValueError(f"KmpBiasing.bias_lists must be one of {BIAS_LISTS}, got {self.bias_lists!r}.")
+    if self.top_k is not None and (self.mode != "shallow" or self.top_k < 1):
+      raise ValueError(f"KmpBiasing.top_k={self.top_k} needs mode 'shallow' and a value >= 1 (or None for all "
+                       "labels).")
+    if self.chain_width is not None and self.chain_width < 1:
+      raise ValueError(f"KmpBiasing.chain_width must be >= 1 (or None), got {self.chain_width}.")
+
+  @property
+  def enabled(self) -> bool:
+    return self.delta > 0
+
+  @property
+  def name(self) -> str:
+    """File-name part: '' when off, else e.g. '_kmp0.5shallow', '_kmp1shallow_top8', '_kmp2rescore_anti'."""
+    if not self.enabled:
+      return ""
+    top = "" if self.top_k is None else f"_top{self.top_k}"
+    anti = "_anti" if self.bias_lists == "anti" else ""
+    return f"_kmp{self.delta:g}{self.mode}{top}{anti}"
+
+  @property
+  def decoder_key(self) -> tuple:
+    """What the compiled decoder depends on (delta, lists and seed are its inputs)."""
+    return ("kmp", self.mode, self.top_k)
+
+  def summary(self) -> dict[str, Any]:
+    """The settings the result JSON records (NO_BIASING when off)."""
+    if not self.enabled:
+      return dict(NO_BIASING)
+    return {"biasing_delta": float(self.delta), "biasing_mode": self.mode, "biasing_top_k": self.top_k,
+            "bias_lists": self.bias_lists}
+
+  def phrase_table(self, bias_tokens: np.ndarray, bias_paddings: np.ndarray, vocab_size: int) -> PhraseTable:
+    """A batch's phrase table (host arrays), row u biasing utterance u.
+
+    Args:
+      bias_tokens: [batch, phrases, phrase_len] int token ids, 0 where padded.
+      bias_paddings: [batch, phrases, phrase_len], 1.0 = padded.
+      vocab_size: the model's vocabulary size.
+    Returns:
+      PhraseTable [batch, phrases, phrase_len, chain_width].
+    """
+    return phrase_table_from_padded(bias_tokens, np.asarray(bias_paddings) == 0, vocab_size,
+                                    chain_width=self.chain_width or np.shape(bias_tokens)[-1])
+
+  def fusion(self, table: PhraseTable, delta: Any) -> ScoreFusion:
+    """The beam search's ScoreFusion (called inside the jitted decoder; delta may be traced)."""
+    return kmp_fusion(table, delta, self.mode)
+
+
+@gin.configurable
+def kmp_sweep(shallow_deltas: Sequence[float] = (), rescore_deltas: Sequence[float] = (),
+              bias_lists: Sequence[str] = BIAS_LISTS) -> list[KmpBiasing | None]:
+  """Settings for one process: no biasing (None), then for each list kind in `bias_lists`
+  KmpBiasing at every shallow delta and every rescore delta (other fields from KmpBiasing's gin
+  bindings, e.g. anti_seed, and top_k for the shallow ones)."""
+  settings: list[KmpBiasing | None] = [None]
+  for lists in bias_lists:
+    settings += [KmpBiasing(delta=d, mode="shallow", bias_lists=lists) for d in shallow_deltas]
+    settings += [KmpBiasing(delta=d, mode="rescore", top_k=None, bias_lists=lists) for d in rescore_deltas]
+  return settings

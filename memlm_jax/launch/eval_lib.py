@@ -1,7 +1,7 @@
 r"""Evaluation launcher: restore a checkpoint, compute validation metrics, write JSON.
 
   python -m memlm_jax.eval --gin_file=runs/eval.gin --gin_file=tiny/lm_demo.gin \
-      --gin.MODEL_DIR="'runs/tiny'" [--gin.evaluate.checkpoint_step=300]
+      --gin.MODEL_DIR="'runs/tiny'" [--gin.CHECKPOINT_STEP=300]
 
 Writes MODEL_DIR/eval/<task>_<split>_step<N>.json (loss, perplexity, accuracy, tokens)
 and the same scalars to TensorBoard under MODEL_DIR/eval.

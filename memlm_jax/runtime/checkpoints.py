@@ -117,7 +117,8 @@ class Checkpointer:
     """Restores only `state.params` (no optimizer state) of `step` (None: the latest)."""
     step = self.latest_step() if step is None else step
     if step is None or step not in self.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()}).")
+      raise FileNotFoundError(f"no checkpoint for step {step} (CHECKPOINT_STEP) in {self.directory}; the steps "
+                              f"that exist: {self.all_steps()}.")
     item = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)

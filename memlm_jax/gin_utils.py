@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import sys
+import tokenize
 from typing import Any, Callable, Sequence
 
 import gin
@@ -69,10 +70,29 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   for path in search_paths:
     gin.add_config_file_search_path(path)
   resolved = [_find(f, search_paths) for f in files]
+  for binding in bindings:  # syntax first, so a slip names its flag
+    _check_binding_syntax(binding)
   try:
     gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=True)
-  except (ValueError, SyntaxError, OSError, TypeError, KeyError) as error:
+  except (ValueError, SyntaxError, OSError, TypeError, KeyError, tokenize.TokenError) as error:
     raise GinConfigError("Gin config error: " + _one_line(error)) from None
+
+
+def _check_binding_syntax(binding: str) -> None:
+  """GinConfigError naming the flag when one binding does not parse on its own."""
+  name, _, value = (part.strip() for part in binding.partition("="))
+  flag = f"--gin.{name}={value}"
+  try:
+    for _ in gin.config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)):
+      pass
+  except tokenize.TokenError:
+    raise GinConfigError(f"Gin config error: {flag}: unbalanced brackets or an unterminated string in "
+                         f"{value!r}.") from None
+  except (ValueError, SyntaxError) as error:
+    if re.fullmatch(r"[\w./~-]+", value) and not re.fullmatch(r"-?[\d.]+(e-?\d+)?|True|False|None", value):
+      raise GinConfigError(f"Gin config error: {flag}: {value!r} is not a gin value; a string needs quotes "
+                           f"inside the shell's: --gin.{name}=\"'{value}'\".") from None
+    raise GinConfigError(f"Gin config error: {flag}: {_one_line(error)}") from None
 
 
 def read_binding(gin_file: str, name: str, search_paths: Sequence[str] = (CONFIG_DIR,)) -> Any:
@@ -86,6 +106,65 @@ def read_binding(gin_file: str, name: str, search_paths: Sequence[str] = (CONFIG
         if f"{statement.selector}.{statement.arg_name}" == name:
           return statement.value
   raise GinConfigError(f"{path} does not bind {name!r}.")
+
+
+def _value_text(value: Any) -> str:
+  if hasattr(value, "selector") and hasattr(value, "evaluate"):  # a configurable reference
+    return f"@{value.selector}{'()' if value.evaluate else ''}"
+  if isinstance(value, (list, tuple)):
+    inner = ", ".join(_value_text(v) for v in value)
+    return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+  if isinstance(value, dict):
+    return "{" + ", ".join(f"{_value_text(k)}: {_value_text(v)}" for k, v in value.items()) + "}"
+  return repr(value)
+
+
+def config_bindings(text: str) -> dict[str, str]:
+  """{'scope/Selector.param' or 'MACRO': value as text} of a gin config (e.g. an operative config)."""
+  parser = gin.config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True))
+  bindings = {}
+  for statement in parser:
+    if isinstance(statement, gin.config_parser.BindingStatement):
+      name = statement.selector if not statement.arg_name else f"{statement.selector}.{statement.arg_name}"
+      bindings[f"{statement.scope}/{name}" if statement.scope else name] = _value_text(statement.value)
+  return bindings
+
+
+def differing_bindings(saved_text: str, current_text: str, limit: int = 8) -> list[str]:
+  """'name: saved -> current' for each binding two configs both set to different values (the
+  first `limit`, then a count)."""
+  saved, current = config_bindings(saved_text), config_bindings(current_text)
+  changed = [f"{name}: {saved[name]} -> {current[name]}" for name in sorted(set(saved) & set(current))
+             if saved[name] != current[name]]
+  return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])
+
+
+def explain_config_change(model_dir: str) -> str:
+  """What differs between MODEL_DIR/operative_config.gin (the config its checkpoints were trained
+  with) and the config of this process, as one sentence for an error message."""
+  path = os.path.join(model_dir, "operative_config.gin")
+  if not os.path.isfile(path):
+    return f"({path} is missing, so the configs cannot be compared)"
+  with open(path) as f:
+    saved = f.read()
+  try:
+    changed = differing_bindings(saved, gin.operative_config_str() + "\n" + gin.config_str())
+  except (ValueError, SyntaxError) as error:
+    return f"({path} could not be parsed: {error})"
+  if not changed:
+    return f"(no binding differs from {path}; a default or a gin file's include may have changed)"
+  return f"Bindings that differ from {path} (saved -> now): " + "; ".join(changed) + "."
+
+
+def restore_or_explain(restore: Callable[[], Any], model_dir: str) -> Any:
+  """`restore()`, with a CheckpointMismatchError extended by the gin bindings that differ from the
+  config MODEL_DIR was trained with."""
+  from memlm_jax.runtime.checkpoints import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+  try:
+    return restore()
+  except CheckpointMismatchError as error:
+    raise CheckpointMismatchError(f"{error} {explain_config_change(model_dir)} Nothing in {model_dir} was "
+                                  "changed.") from None
 
 
 def parse_flags_and_gin() -> None:
@@ -140,8 +219,8 @@ def write_config(model_dir: str, name: str, text: str) -> None:
   os.replace(tmp, os.path.join(model_dir, name))
 
 
-def run_launcher(run_fn: Callable[[str], Any], *, write_config_gin: bool = False,
-                 on_result: Callable[[Any], None] = print, user_errors: tuple = ()) -> None:
+def run_launcher(run_fn: Callable[[str], Any], *, on_result: Callable[[Any], None] = print,
+                 user_errors: tuple = ()) -> None:
   """The body every launcher shares: parse gin flags, find MODEL_DIR, call
   `run_fn(model_dir)` with one-line errors, hand the result to `on_result`."""
   from absl import app  # pylint: disable=g-import-not-at-top
@@ -153,12 +232,10 @@ def run_launcher(run_fn: Callable[[str], Any], *, write_config_gin: bool = False
     directory = model_dir()
     if QUIET.value:
       log_to_model_dir(directory)
-    if write_config_gin:
-      write_config(directory, "config.gin", gin.config_str())
     try:
       with one_line_gin_errors():
         result = run_fn(directory)
-    except (ValueError, FileNotFoundError, *user_errors) as error:
+    except (ValueError, OSError, *user_errors) as error:
       exit_with_error(error)
     on_result(result)
 

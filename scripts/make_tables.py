@@ -95,7 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
   memory.set_defaults(func=cmd_memory)
 
   passkey = sub.add_parser("passkey", help=cmd_passkey.__doc__)
-  passkey.add_argument("results", nargs="+", help="passkey results JSON(s) or model directories (their newest eval/passkey_step<N>.json), one row each")
+  passkey.add_argument("results", nargs="+", help="passkey results JSON(s) or model directories (their newest eval/passkey_<hash>_step<N>.json), one row each")
   passkey.add_argument("--metric", choices=pk.METRICS + ("both",), default="exact_match",
                        help="'both': exact match, then token accuracy beside the paper (heatmap: exact match)")
   passkey.add_argument("--heatmap", nargs="?", const="", default=None, metavar="PNG",

@@ -6,6 +6,7 @@ ending with scripts/kmp_table.py on the JSON it wrote."""
 import importlib.util
 import json
 import os
+import re
 
 import gin
 import jax.numpy as jnp
@@ -215,7 +216,9 @@ def eval_setup(tmp_path_factory):
 
 
 def _results(model_dir, name):
-  base = os.path.join(model_dir, "eval", f"asr_test_beam2{name}_step7")
+  pattern = re.compile(re.escape(f"asr_test_beam2{name}_") + r"[0-9a-f]{8}_step7\.json")
+  [file] = [n for n in os.listdir(os.path.join(model_dir, "eval")) if pattern.fullmatch(n)]
+  base = os.path.join(model_dir, "eval", file[:-len(".json")])
   return json.load(open(base + ".json")), [json.loads(line) for line in open(base + ".jsonl")]
 
 

@@ -363,8 +363,19 @@ def test_phrase_table_from_the_pipeline_arrays():
   assert not np.asarray(booster.token_bonus(state)[1]).any()
   with pytest.raises(ValueError, match=r"phrase \[1, 2, 3\] has 3 tokens, more than max_phrase_length=2"):
     phrase_arrays([[[1, 2, 3]]], 2, 2)
-  with pytest.raises(ValueError, match="phrase list 0 has 3 phrases, more than max_phrases=2"):
+  with pytest.raises(ValueError, match="phrase list 0 has 3 bias phrases, more than max_phrases=2"):
     phrase_arrays([[[1], [2], [3]]], 2, 2)
+  with pytest.raises(ValueError, match="utterance 'u9' has 3 bias phrases, more than max_phrases=2"):
+    phrase_arrays([[[1]], [[1], [2], [3]]], 2, 2, utterance_ids=["u8", "u9"])  # the 2nd list, named by its id
+
+
+def test_an_oversized_phrase_list_error_names_the_utterance_and_stays_short():
+  phrase_lists = [[[1]], [[t // 4**i % 4 + 1 for i in range(6)] for t in range(2000)]]  # distinct
+  with pytest.raises(ValueError) as error:
+    make_batched_phrase_table(phrase_lists, VOCAB, max_phrases=8)
+  message = str(error.value)
+  assert "(utterance 1)" in message and "(utterance 0)" not in message and "2000 in all" in message
+  assert len(message) < 300, len(message)
 
 
 def test_bad_input_raises_or_warns(caplog):

@@ -64,7 +64,10 @@ def test_train_eval_infer_end_to_end(tmp_path):
 
   result = lm_runs.run(lm_runs.launcher("eval", ["runs/eval.gin", "tiny/lm_demo.gin"], bindings))
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.load(open(os.path.join(model_dir, "eval", "synthetic_text_validation_step60.json")))
+  [name] = [n for n in os.listdir(os.path.join(model_dir, "eval")) if n.startswith("synthetic_text_validation_")]
+  assert name.endswith("_step60.json"), name
+  report = json.load(open(os.path.join(model_dir, "eval", name)))
+  assert report["settings"]["split"] == "validation"
   assert report["step"] == 60
   assert report["loss"] == pytest.approx(_naive_validation_loss(model_dir, data), rel=1e-4)
   assert report["perplexity"] == pytest.approx(np.exp(report["loss"]), rel=1e-6)

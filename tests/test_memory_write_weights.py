@@ -73,25 +73,30 @@ def _batch(seed):
           "decoder_loss_weights": jnp.asarray((targets != 0).astype(np.int32))}
 
 
+@nnx.jit
+def _loss(model, batch):
+  return model.loss(batch)
+
+
 @pytest.mark.parametrize("update_rule", ["linear", "delta"])
 def test_weight_one_reproduces_the_unweighted_loss_exactly_and_other_weights_change_it(update_rule):
   model, batch = _tiny_lm(update_rule), _batch(0)
-  plain = model.loss(batch)
-  ones = model.loss({**batch, WRITE_WEIGHTS: jnp.ones((3, 16), jnp.float32)})
+  plain = _loss(model, batch)
+  ones = _loss(model, {**batch, WRITE_WEIGHTS: jnp.ones((3, 16), jnp.float32)})
   for name in plain:
     np.testing.assert_array_equal(np.asarray(ones[name]), np.asarray(plain[name]))
   heavy = np.ones((3, 16), np.float32)
   heavy[:, 4:8] = 100.0  # the second segment counts as 100 copies
-  weighted = model.loss({**batch, WRITE_WEIGHTS: jnp.asarray(heavy)})
+  weighted = _loss(model, {**batch, WRITE_WEIGHTS: jnp.asarray(heavy)})
   assert abs(float(weighted["loss_sum"]) - float(plain["loss_sum"])) > 1e-3
-  grads = nnx.grad(lambda m: m.loss({**batch, WRITE_WEIGHTS: jnp.asarray(heavy)})["loss_sum"])(model)
+  grads = nnx.jit(nnx.grad(lambda m: m.loss({**batch, WRITE_WEIGHTS: jnp.asarray(heavy)})["loss_sum"]))(model)
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
 
 def test_weights_on_padding_change_nothing():
   model, batch = _tiny_lm("delta"), _batch(1)
   weights = np.ones((3, 16), np.float32)
-  reference = model.loss({**batch, WRITE_WEIGHTS: jnp.asarray(weights)})
+  reference = _loss(model, {**batch, WRITE_WEIGHTS: jnp.asarray(weights)})
   weights[1, 11:] = 1e4  # row 1's padded tail
-  padded = model.loss({**batch, WRITE_WEIGHTS: jnp.asarray(weights)})
+  padded = _loss(model, {**batch, WRITE_WEIGHTS: jnp.asarray(weights)})
   np.testing.assert_array_equal(np.asarray(padded["loss_sum"]), np.asarray(reference["loss_sum"]))

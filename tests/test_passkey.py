@@ -147,8 +147,11 @@ def test_training_smoke_and_the_eval_launcher_at_a_small_length(tmp_path, recipe
                 bindings + ["PASSKEY_LENGTHS = [400, 1100]", "passkey_eval.examples_per_bucket = 1",
                             "passkey_eval.max_context = 1000"])
   payload = eval_lib.run_eval(model_dir)
-  written = json.load(open(os.path.join(model_dir, "eval", "passkey_step4.json")))
+  [name] = [n for n in os.listdir(os.path.join(model_dir, "eval")) if n.startswith("passkey_")]
+  assert name.endswith("_step4.json"), name
+  written = json.load(open(os.path.join(model_dir, "eval", name)))
   assert written == json.loads(json.dumps(payload))
+  assert written["complete"] and written["settings"]["lengths"] == [400, 1100]
   assert [s["status"] for s in written["summary"]] == ["ok"] * 3 + ["exceeds_context"] * 3
   assert "up to 1000 tokens" in written["summary"][-1]["reason"]
   assert written["model"] == ("dense" if "dense" in recipe else "Infini (delta)")

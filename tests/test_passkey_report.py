@@ -230,7 +230,7 @@ def test_script_passkey_takes_a_model_directory_and_reads_its_newest_eval(tmp_pa
   _assert_png(str(tmp_path / "run" / "eval" / "passkey_step12_heatmap.png"))
   (tmp_path / "empty").mkdir()
   proc = _run_script("passkey", str(tmp_path / "empty"))
-  assert proc.returncode == 2 and "empty" in proc.stderr and "passkey_step<N>.json" in proc.stderr
+  assert proc.returncode == 2 and "empty" in proc.stderr and "passkey_<hash>_step<N>.json" in proc.stderr
 
 
 def test_script_passkey_errors(tmp_path):

@@ -7,6 +7,7 @@ hand, transcripts encoded with the vocabulary, name occurrences found by substri
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,11 +174,19 @@ def _bad_file(kind, tmp_path, corpus):
     return [good, {"audio": path, "text": "hi"}], path, "empty"
   if kind == "missing":
     return [good, {"audio": path, "text": "hi"}], path, "does not exist"
+  if kind == "truncated":  # a copy cut short: the header still declares 16000 samples
+    soundfile.write(path, rng.uniform(-0.5, 0.5, 16000), 16000, subtype="PCM_16")
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 4)
+    return [good, {"audio": path, "text": "hi"}], path, "truncated: its header declares 16000 samples"
+  if kind == "loud_float":
+    soundfile.write(path, np.r_[rng.uniform(-0.5, 0.5, 1599), 1.5].astype(np.float32), 16000, subtype="FLOAT")
+    return [good, {"audio": path, "text": "hi"}], path, "outside [-1, 1]"
   assert kind == "empty_text"
   return [good, {"audio": good["audio"], "text": "  \t "}], good["audio"], "empty transcript"
 
 
-@pytest.mark.parametrize("kind", ["rate", "stereo", "empty_audio", "missing", "empty_text"])
+@pytest.mark.parametrize("kind", ["rate", "stereo", "empty_audio", "missing", "empty_text", "truncated", "loud_float"])
 def test_bad_audio_or_transcript_is_refused_naming_file_and_line(kind, tmp_path, corpus):
   lines, named, reason = _bad_file(kind, tmp_path, corpus)
   manifest = _write_manifest(tmp_path / "bad.jsonl", lines)
@@ -186,8 +195,29 @@ def test_bad_audio_or_transcript_is_refused_naming_file_and_line(kind, tmp_path,
       register()
     assert named in str(error.value) and reason in str(error.value) and "line 2" in str(error.value)
   if kind != "empty_text":
-    with pytest.raises(ValueError, match=reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
       speech.read_audio(named)
+
+
+def test_a_long_file_is_refused_from_its_header_and_a_non_utf8_manifest_names_its_line(tmp_path, corpus, monkeypatch):
+  good = _lines(os.path.join(corpus, "train.jsonl"))[0]
+  good = dict(good, audio=os.path.join(corpus, good["audio"]))
+  frames = soundfile.info(good["audio"]).frames
+  manifest = _write_manifest(tmp_path / "m.jsonl", [good, good | {"id": "second"}])
+
+  def refuse_decoding(*args, **kwargs):
+    raise AssertionError(f"decoded {args}: the length should have been refused from the header")
+
+  monkeypatch.setattr(speech.soundfile, "read", refuse_decoding)
+  with pytest.raises(ValueError, match=rf"line 1\).* has {frames} samples .*over the {frames - 1} "):
+    speech.manifest_task("long_speech", manifest, VOCAB, max_audio_samples=frames - 1)
+  with pytest.raises(ValueError, match=rf"has {frames} samples"):
+    speech.read_audio(good["audio"], max_samples=frames - 1)
+  monkeypatch.undo()
+  with open(tmp_path / "latin1.jsonl", "wb") as f:
+    f.write((json.dumps(good) + "\n").encode() + b'{"audio": "x.wav", "text": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=r"latin1.jsonl' line 2 is not UTF-8 text \(byte 0xe9 at column 32\)"):
+    speech.parse_manifest(str(tmp_path / "latin1.jsonl"))
 
 
 def test_a_file_changed_after_registration_fails_the_pipeline_naming_it(tmp_path, corpus):

@@ -37,6 +37,14 @@ def corpus(tmp_path_factory):
   return out
 
 
+
+def _result_base(model_dir: str, prefix: str, step: int) -> str:
+  """MODEL_DIR/eval/<prefix><settings hash>_step<step> (without .json / .jsonl): exactly one."""
+  names = [n for n in os.listdir(os.path.join(model_dir, "eval"))
+           if n.startswith(prefix) and n.endswith(f"_step{step}.json") and n[len(prefix):].count("_") == 1]
+  assert len(names) == 1, names
+  return os.path.join(model_dir, "eval", names[0][:-len(".json")])
+
 def _bindings(corpus, model_dir, **extra):
   values = {"TRAIN_MANIFEST": f"'{corpus}/train.jsonl'", "DEV_MANIFEST": f"'{corpus}/dev.jsonl'",
             "TEST_MANIFEST": f"'{corpus}/test.jsonl'", "SPM_MODEL": f"'{corpus}/spm.model'", "VOCAB_SIZE": 48,
@@ -73,13 +81,13 @@ def test_an_utterance_scores_the_same_alone_and_padded_in_a_batch(predictor):
   targets = np.array([[3, 4, 5, 6], [7, 2, 0, 0]], np.int32)
   target_paddings = (targets == 0).astype(np.float32)
   batch = dict(audio=audio, audio_paddings=audio_paddings, targets=targets, target_paddings=target_paddings)
-  both = model.per_example_nll({k: jnp.asarray(v) for k, v in batch.items()})
-  alone = model.per_example_nll({"audio": jnp.asarray(audio[1:, :2500]),
-                                 "audio_paddings": jnp.zeros((1, 2500)),
-                                 "targets": jnp.asarray(targets[1:, :2]), "target_paddings": jnp.zeros((1, 2))})
+  per_example_nll = nnx.jit(lambda m, b: m.per_example_nll(b))
+  both = per_example_nll(model, {k: jnp.asarray(v) for k, v in batch.items()})
+  alone = per_example_nll(model, {"audio": jnp.asarray(audio[1:, :2500]), "audio_paddings": jnp.zeros((1, 2500)),
+                                  "targets": jnp.asarray(targets[1:, :2]), "target_paddings": jnp.zeros((1, 2))})
   assert np.all(np.isfinite(both)) and both[0] > 0
   np.testing.assert_allclose(both[1], alone[0], rtol=2e-5)
-  sums = model.loss({k: jnp.asarray(v) for k, v in batch.items()})
+  sums = nnx.jit(lambda m, b: m.loss(b))(model, {k: jnp.asarray(v) for k, v in batch.items()})
   assert float(sums["weight_sum"]) == 6 and "correct_sum" not in sums
   np.testing.assert_allclose(sums["loss_sum"], both.sum(), rtol=1e-6)
 
@@ -100,9 +108,10 @@ def test_training_agrees_on_one_device_and_a_2x4_mesh_and_the_asr_eval_writes_we
   lm_runs.parse(["runs/asr_eval.gin", "tiny/transducer_synthetic.gin"],
                 _bindings(corpus, model_dir) + ["asr_eval.beam_size = 2", "asr_eval.max_output_length = 12"])
   payload = eval_lib.run_eval(model_dir)
-  written = json.load(open(os.path.join(model_dir, "eval", "asr_test_beam2_step3.json")))
+  base = _result_base(model_dir, "asr_test_beam2_", 3)
+  written = json.load(open(base + ".json"))
   assert written == json.loads(json.dumps(payload))
-  lines = [json.loads(line) for line in open(os.path.join(model_dir, "eval", "asr_test_beam2_step3.jsonl"))]
+  lines = [json.loads(line) for line in open(base + ".jsonl")]
   references = [json.loads(line)["text"] for line in open(os.path.join(corpus, "test.jsonl"))]
   assert sorted(r["reference"] for r in lines) == sorted(references) == sorted(set(references))
   words = sum(len(r.split()) for r in references)
@@ -154,7 +163,7 @@ def test_the_transducer_experiment_script_trains_evaluates_and_prints_the_wer_ta
   spec.loader.exec_module(experiment)
   model_dir = str(tmp_path / "model")
   table = experiment.run(corpus, model_dir, [1, 2], _bindings(corpus, model_dir) + ["asr_eval.max_output_length = 12"])
-  results = [json.load(open(os.path.join(model_dir, "eval", f"asr_test_beam{k}_step3.json"))) for k in (1, 2)]
+  results = [json.load(open(_result_base(model_dir, f"asr_test_beam{k}_", 3) + ".json")) for k in (1, 2)]
   assert table == experiment.wer_table(results)
   assert open(os.path.join(model_dir, "eval", "wer_table_test.md")).read() == table + "\n"
   lines = table.splitlines()

@@ -56,6 +56,9 @@ class PasskeyExample:
     return mask
 
 
+MAX_KEY = 2**63 - 2  # numpy draws keys in [key_min, key_max + 1) as int64
+
+
 class PasskeyBuilder:
   """Builds passkey prompts in the token ids of `vocabulary`.
 
@@ -63,8 +66,12 @@ class PasskeyBuilder:
   """
 
   def __init__(self, vocabulary: seqio.Vocabulary, key_min: int = 10_000, key_max: int = 99_999):
-    if not 0 <= key_min <= key_max:
-      raise ValueError(f"passkey range must satisfy 0 <= key_min <= key_max, got [{key_min}, {key_max}].")
+    for name, value in (("key_min", key_min), ("key_max", key_max)):
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"passkey {name} must be an integer, got {value!r}.")
+    if not 0 <= key_min <= key_max <= MAX_KEY:
+      raise ValueError(f"passkey range must satisfy 0 <= key_min <= key_max <= {MAX_KEY} (keys are drawn as int64), "
+                       f"got [{key_min}, {key_max}].")
     self.vocabulary = vocabulary
     self.key_min, self.key_max = key_min, key_max
     encode = lambda text: np.asarray(vocabulary.encode(text), np.int32)  # noqa: E731
@@ -84,6 +91,18 @@ class PasskeyBuilder:
   def min_length(self) -> int:
     """The shortest prompt (no filler) with the longest key."""
     return len(self.instruction) + len(self.needle(self.key_max)) + len(self.question)
+
+  def check_lengths(self, lengths: Sequence[int], name: str = "lengths") -> None:
+    """ValueError naming the first prompt length that is not an integer >= min_length()."""
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
+      raise ValueError(f"passkey {name} must be a non-empty list of prompt lengths, got {lengths!r}.")
+    for length in lengths:
+      if isinstance(length, bool) or not isinstance(length, (int, np.integer)):
+        raise ValueError(f"passkey {name}: every length must be an integer number of tokens, got {length!r} "
+                         f"in {list(lengths)}.")
+      if length < self.min_length():
+        raise ValueError(f"passkey {name}: length {length} is shorter than the prompt without filler "
+                         f"({self.min_length()} tokens), in {list(lengths)}.")
 
   def _boundary_near(self, target: float, filler_length: int) -> int:
     cycle = len(self.filler_cycle)

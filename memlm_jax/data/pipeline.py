@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
 
 import gin
 import jax
@@ -18,6 +20,7 @@ import seqio
 import tensorflow as tf
 
 from memlm_jax.data import speech_features
+from memlm_jax.runtime.checkpoints import CheckpointMismatchError
 
 
 @gin.configurable
@@ -50,6 +53,14 @@ class DatasetConfig:
   # with zeros and handed to the model as they are, e.g. ['memory_write_weights'] (data/passkey.py).
   # Only with pack=False and the 'decoder' or 'prefix_lm' converter.
   passthrough_features: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for name in ("sequence_length", "batch_size", "targets_length"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        macro = {"sequence_length": " (SEQUENCE_LENGTH)", "batch_size": " (BATCH_SIZE / EVAL_BATCH_SIZE)"}.get(name, "")
+        raise ValueError(f"DatasetConfig.{name}{macro} must be a positive integer, got {value!r} "
+                         f"(dataset {self.mixture_or_task_name!r}).")
 
 
 def get_task(config: DatasetConfig) -> seqio.Task | seqio.Mixture:
@@ -133,11 +144,14 @@ def _passthrough_specs(config: DatasetConfig,
 
 
 class TfDataIterator:
-  """numpy batches from a tf.data.Dataset, with the position saved as a tf checkpoint."""
+  """numpy batches from a tf.data.Dataset, with the position saved as a tf checkpoint and the
+  batch shapes beside it (`<path>.shapes.json`), checked on restore."""
 
   def __init__(self, dataset: tf.data.Dataset):
     self._iterator = iter(dataset)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+    self._shapes = {name: [str(spec.dtype.name), spec.shape.as_list()]
+                    for name, spec in sorted(dataset.element_spec.items())}
 
   def __iter__(self) -> "TfDataIterator":
     return self
@@ -147,9 +161,28 @@ class TfDataIterator:
 
   def save(self, path: str) -> None:
     self._checkpoint.write(path)
+    with tf.io.gfile.GFile(path + ".shapes.json", "w") as f:
+      f.write(json.dumps(self._shapes))
 
   def restore(self, path: str) -> None:
+    """Restores the position saved at `path`; CheckpointMismatchError if the saved pipeline gave
+    batches of other shapes (e.g. another BATCH_SIZE), before the state is read."""
+    if tf.io.gfile.exists(path + ".shapes.json"):  # checkpoints written before this check have none
+      with tf.io.gfile.GFile(path + ".shapes.json") as f:
+        saved = json.loads(f.read())
+      if saved != self._shapes:
+        changed = sorted(k for k in set(saved) | set(self._shapes) if saved.get(k) != self._shapes.get(k))
+        name = changed[0]
+        raise CheckpointMismatchError(
+            f"the input pipeline saved in {os.path.dirname(path)} gave {name!r} batches of "
+            f"{_shape_text(saved.get(name))} per host, the configured one gives {_shape_text(self._shapes.get(name))}; "
+            "a resumed run must keep its batch size and sequence length. To train with new ones, start a new "
+            "MODEL_DIR that warm-starts from this run (--gin.train.init_from=\"'<this MODEL_DIR>'\").")
     self._checkpoint.read(path).assert_consumed()
+
+
+def _shape_text(entry: list | None) -> str:
+  return "none" if entry is None else f"{entry[0]} {tuple(entry[1])}"
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

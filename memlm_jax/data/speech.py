@@ -61,10 +61,35 @@ def _normalize_transcript_tf(text: tf.Tensor, lowercase: bool) -> tf.Tensor:
 # ----------------------------------------------------------------------------- audio files
 
 
-def check_audio_file(path: str, sample_rate: int = SAMPLE_RATE, where: str = "") -> int:
-  """Validates an audio file's header (rate, channels, non-empty); returns its number of samples.
+def _wav_header_frames(path: str) -> int | None:
+  """The frame count a WAV file's header declares (its data chunk size / block size), or None
+  for other formats and headers that do not say (streamed writes, RF64)."""
+  with open(path, "rb") as f:
+    riff = f.read(12)
+    if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+      return None
+    block_align = 0
+    while True:
+      header = f.read(8)
+      if len(header) < 8:
+        return None
+      chunk, size = header[:4], int.from_bytes(header[4:], "little")
+      if chunk == b"fmt ":
+        fmt = f.read(size)
+        block_align = int.from_bytes(fmt[12:14], "little")
+        f.seek(size % 2, os.SEEK_CUR)
+      elif chunk == b"data":
+        return size // block_align if block_align and 0 < size < 0xFFFFFFFF else None
+      else:
+        f.seek(size + size % 2, os.SEEK_CUR)
 
-  `where` (e.g. "manifest.jsonl line 3") is added to the error messages.
+
+def check_audio_file(path: str, sample_rate: int = SAMPLE_RATE, where: str = "",
+                     max_samples: int | None = None) -> int:
+  """Validates an audio file (rate, channels, non-empty, not truncated, float samples within
+  [-1, 1], at most `max_samples` long) from its header, reading the samples only of float-encoded
+  files; returns its number of samples. `where` (e.g. "manifest.jsonl line 3") is added to the
+  error messages.
   """
   context = f" ({where})" if where else ""
   if not os.path.isfile(path):
@@ -81,16 +106,32 @@ def check_audio_file(path: str, sample_rate: int = SAMPLE_RATE, where: str = "")
                      f"downmix it first.")
   if info.frames <= 0:
     raise ValueError(f"audio file {path!r}{context} is empty (0 samples).")
+  declared = _wav_header_frames(path)
+  if declared is not None and declared > info.frames:
+    raise ValueError(f"audio file {path!r}{context} is truncated: its header declares {declared} samples "
+                     f"({declared / sample_rate:.2f} s) but the file holds {info.frames}.")
+  if max_samples is not None and info.frames > max_samples:
+    raise ValueError(f"audio file {path!r}{context} has {info.frames} samples ({info.frames / sample_rate:.1f} s), "
+                     f"over the {max_samples} ({max_samples / sample_rate:.1f} s) allowed; split it or raise the "
+                     "limit.")
+  if info.subtype in ("FLOAT", "DOUBLE"):  # only float-encoded samples can exceed full scale
+    audio, _ = soundfile.read(path, dtype="float32", always_2d=False)
+    _check_peak(audio, path, context)
   return int(info.frames)
 
 
-def read_audio(path: str, sample_rate: int = SAMPLE_RATE, where: str = "") -> np.ndarray:
-  """A mono file's waveform, float32 [samples] in [-1, 1]; refuses other rates, channels, empty audio."""
-  check_audio_file(path, sample_rate, where)
-  audio, _ = soundfile.read(path, dtype="float32", always_2d=False)
-  if audio.size and float(np.max(np.abs(audio))) > 1.0:  # only float-encoded files can exceed full scale
-    context = f" ({where})" if where else ""
+def _check_peak(audio: np.ndarray, path: str, context: str) -> None:
+  if audio.size and float(np.max(np.abs(audio))) > 1.0:
     raise ValueError(f"audio file {path!r}{context} has samples outside [-1, 1] (peak {np.max(np.abs(audio)):.3f}).")
+
+
+def read_audio(path: str, sample_rate: int = SAMPLE_RATE, where: str = "",
+               max_samples: int | None = None) -> np.ndarray:
+  """A mono file's waveform, float32 [samples] in [-1, 1]; refuses other rates, channels, empty or
+  truncated audio, and files over `max_samples`, from the header, before decoding."""
+  check_audio_file(path, sample_rate, where, max_samples)
+  audio, _ = soundfile.read(path, dtype="float32", always_2d=False)
+  _check_peak(audio, path, f" ({where})" if where else "")
   return audio
 
 
@@ -129,11 +170,16 @@ def parse_manifest(path: str, lowercase: bool = True) -> list[ManifestEntry]:
     raise ValueError(f"manifest {path!r} does not exist.")
   base = os.path.dirname(os.path.abspath(path))
   entries, seen = [], {}
-  with open(path, encoding="utf-8") as f:
-    for number, raw in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for number, raw_bytes in enumerate(f, start=1):
+      where = f"manifest {path!r} line {number}"
+      try:
+        raw = raw_bytes.decode("utf-8")
+      except UnicodeDecodeError as error:
+        raise ValueError(f"{where} is not UTF-8 text (byte {raw_bytes[error.start]:#04x} at column "
+                         f"{error.start + 1}); re-encode the manifest as UTF-8.") from None
       if not raw.strip():
         continue
-      where = f"manifest {path!r} line {number}"
       try:
         record = json.loads(raw)
       except json.JSONDecodeError as error:
@@ -246,11 +292,14 @@ class ManifestDataSource(seqio.DataSource):
   num_shards-th index, so each host reads only its own files.
   """
 
-  def __init__(self, entries: Mapping[str, Sequence[ManifestEntry]], sample_rate: int = SAMPLE_RATE):
+  def __init__(self, entries: Mapping[str, Sequence[ManifestEntry]], sample_rate: int = SAMPLE_RATE,
+               manifests: Mapping[str, str] | None = None, max_samples: int | None = None):
     # num_input_examples None: seqio never caches the audio of a "small" split in memory.
     super().__init__(splits=tuple(entries), num_input_examples=None, performs_internal_shuffling=True)
     self._entries = {split: list(split_entries) for split, split_entries in entries.items()}
+    self._manifests = dict(manifests or {})
     self._sample_rate = sample_rate
+    self._max_samples = max_samples
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -269,17 +318,21 @@ class ManifestDataSource(seqio.DataSource):
     paths = tf.constant([e.audio_path for e in entries])
     texts = tf.constant([e.text for e in entries])
     ids = tf.constant([e.id for e in entries])
+    manifest = self._manifests.get(split, split)
+    wheres = tf.constant([f"manifest {manifest!r} line {e.line}" for e in entries])
     biases = tf.ragged.constant([list(e.bias) for e in entries], dtype=tf.string, ragged_rank=1)
     indices = tf.data.Dataset.range(len(entries))
     if shuffle:
       indices = indices.shuffle(len(entries), seed=seed, reshuffle_each_iteration=True)
     if shard_info is not None and shard_info.num_shards > 1:
       indices = indices.shard(shard_info.num_shards, shard_info.index)
-    sample_rate = self._sample_rate
+    sample_rate, max_samples = self._sample_rate, self._max_samples
+
+    def read(path: bytes, where: bytes) -> np.ndarray:
+      return read_audio(path.decode(), sample_rate, where.decode(), max_samples)
 
     def load(index):
-      audio = tf.numpy_function(lambda path: read_audio(path.decode(), sample_rate), [paths[index]], tf.float32,
-                                stateful=False)
+      audio = tf.numpy_function(read, [paths[index], wheres[index]], tf.float32, stateful=False)
       return {"audio": tf.ensure_shape(audio, [None]), "text": texts[index], "id": ids[index],
               "bias": biases[index]}
 
@@ -292,7 +345,7 @@ class ManifestDataSource(seqio.DataSource):
 @gin.configurable
 def manifest_task(name: str = gin.REQUIRED, manifest: str | Mapping[str, str] = gin.REQUIRED,
                   vocabulary: seqio.Vocabulary | None = None, sample_rate: int = SAMPLE_RATE,
-                  lowercase: bool = True, check_audio: bool = True) -> str:
+                  lowercase: bool = True, check_audio: bool = True, max_audio_samples: int | None = None) -> str:
   """Registers (or re-registers) a seqio speech task over JSONL manifests; returns its name.
 
   Args:
@@ -302,8 +355,11 @@ def manifest_task(name: str = gin.REQUIRED, manifest: str | Mapping[str, str] = 
     vocabulary: for "targets"; defaults to the byte vocabulary.
     sample_rate: the rate every audio file must have (Hz).
     lowercase: lower-case transcripts and bias phrases (see `normalize_transcript`).
-    check_audio: validate every file's header (rate, channels, non-empty) now, so a bad file
-      fails at registration naming its manifest line, not midway through training.
+    check_audio: validate every file now (header: rate, channels, non-empty, not truncated,
+      length; the samples of float-encoded files: within [-1, 1]), so a bad file fails at
+      registration naming its manifest line, not midway through training.
+    max_audio_samples: refuse longer files from their header, before decoding them (None: no limit
+      here; the batches still refuse or drop utterances over speech_dataset.max_audio_samples).
   """
   manifests = {"train": manifest} if isinstance(manifest, str) else dict(manifest)
   if not manifests:
@@ -312,7 +368,8 @@ def manifest_task(name: str = gin.REQUIRED, manifest: str | Mapping[str, str] = 
   if check_audio:
     for split, split_entries in entries.items():
       for e in split_entries:
-        check_audio_file(e.audio_path, sample_rate, f"manifest {manifests[split]!r} line {e.line}")
-  source = ManifestDataSource(entries, sample_rate)
+        check_audio_file(e.audio_path, sample_rate, f"manifest {manifests[split]!r} line {e.line}",
+                         max_audio_samples)
+  source = ManifestDataSource(entries, sample_rate, manifests, max_audio_samples)
   # The source shuffles (all of each epoch); seqio adds no buffer of audio.
   return _register(name, source, [tokenize_text], vocabulary or byte_vocabulary(), shuffle_buffer_size=None)

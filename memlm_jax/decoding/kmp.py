@@ -220,7 +220,8 @@ def _clean_phrase_list(phrases: Sequence[Sequence[int]], names: Sequence[str], w
     kept.append(ids)
     kept_weights.append(1.0 if weights is None else float(weights[index]))
   if max_phrases is not None and len(kept) > max_phrases:
-    raise ValueError(f"the phrase list {list(names)} has {len(kept)} distinct phrases, more than "
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    raise ValueError(f"the phrase list [{shown}] has {len(kept)} distinct phrases, more than "
                      f"max_phrases={max_phrases}.")
   return kept, kept_weights
 

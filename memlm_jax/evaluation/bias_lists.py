@@ -40,19 +40,21 @@ def anti_bias_lists(ids: Sequence[str], texts: Sequence[str], bias_lists: Sequen
   return lists
 
 
-def phrase_arrays(phrase_lists: Sequence[Sequence[Sequence[int]]], max_phrases: int,
-                  max_phrase_length: int) -> tuple[np.ndarray, np.ndarray]:
+def phrase_arrays(phrase_lists: Sequence[Sequence[Sequence[int]]], max_phrases: int, max_phrase_length: int,
+                  utterance_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Token-id phrase lists, one per utterance, as (bias_tokens [utterances, max_phrases,
   max_phrase_length] int32, 0 where padded; bias_paddings of that shape, float32, 1.0 = padded).
-  A list with more phrases, or a phrase with more tokens, is a ValueError naming it."""
+  A list with more phrases, or a phrase with more tokens, is a ValueError naming its utterance
+  (`utterance_ids[u]`, else its index in `phrase_lists`)."""
   tokens = np.zeros((len(phrase_lists), max_phrases, max_phrase_length), np.int32)
   paddings = np.ones(tokens.shape, np.float32)
   for u, phrases in enumerate(phrase_lists):
+    owner = f"utterance {utterance_ids[u]!r}" if utterance_ids is not None else f"phrase list {u}"
     if len(phrases) > max_phrases:
-      raise ValueError(f"phrase list {u} has {len(phrases)} phrases, more than max_phrases={max_phrases}.")
+      raise ValueError(f"{owner} has {len(phrases)} bias phrases, more than max_phrases={max_phrases}.")
     for b, phrase in enumerate(phrases):
       if len(phrase) > max_phrase_length:
-        raise ValueError(f"phrase {list(phrase)} has {len(phrase)} tokens, more than "
+        raise ValueError(f"{owner}: phrase {list(phrase)} has {len(phrase)} tokens, more than "
                          f"max_phrase_length={max_phrase_length}.")
       tokens[u, b, :len(phrase)] = phrase
       paddings[u, b, :len(phrase)] = 0.0

@@ -33,16 +33,28 @@ def score_answer(builder: PasskeyBuilder, key: int, generated: np.ndarray) -> di
           "exact_match": bool(right[digits].all()), "token_accuracy": float(right[digits].mean())}
 
 
+def check_settings(builder: PasskeyBuilder, lengths: Sequence[int], examples_per_bucket: int,
+                   max_context: int | None) -> None:
+  """One ValueError naming the first bad setting, before any model work."""
+  builder.check_lengths(lengths)
+  if isinstance(examples_per_bucket, bool) or not isinstance(examples_per_bucket, int) or examples_per_bucket <= 0:
+    raise ValueError(f"passkey examples_per_bucket must be a positive integer, got {examples_per_bucket!r}.")
+  if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                  or max_context <= 0):
+    raise ValueError(f"passkey max_context must be None or a positive integer, got {max_context!r}.")
+
+
 def evaluate_passkey(continue_fn: ContinueFn, builder: PasskeyBuilder, lengths: Sequence[int], *,
                      examples_per_bucket: int = 2, seed: int = 0, max_context: int | None = None,
-                     context_note: str = "", progress: Callable[[str], None] | None = None) -> dict:
+                     context_note: str = "", progress: Callable[[str], None] | None = None,
+                     on_length: Callable[[dict], None] | None = None) -> dict:
   """Runs every (length, depth) example; returns {"summary": [...], "results": [...]}.
 
   Keys are drawn from `seed` (use a seed no training split uses); all examples of one
-  length go to `continue_fn` as one batch.
+  length go to `continue_fn` as one batch. Every setting is checked before the first
+  length runs; `on_length(partial)` gets the results so far after each length.
   """
-  if examples_per_bucket <= 0:
-    raise ValueError(f"examples_per_bucket must be positive, got {examples_per_bucket}.")
+  check_settings(builder, lengths, examples_per_bucket, max_context)
   results, summary = [], []
   depths = bucket_depths(examples_per_bucket)
   answer_tokens = max(len(builder.answer(builder.key_min)), len(builder.answer(builder.key_max)))
@@ -51,6 +63,8 @@ def evaluate_passkey(continue_fn: ContinueFn, builder: PasskeyBuilder, lengths: 
       reason = context_note or f"the model holds at most {max_context} tokens"
       summary += [{"length": length, "bucket": b, "examples": 0, "status": "exceeds_context", "reason": reason}
                   for b in DEPTH_BUCKETS]
+      if on_length is not None:
+        on_length({"summary": summary, "results": results})
       continue
     examples = [builder.sample(length, seed, index, depth=d) for index, d in enumerate(depths)]
     generated = np.asarray(continue_fn(np.stack([e.inputs for e in examples]), answer_tokens))
@@ -65,4 +79,6 @@ def evaluate_passkey(continue_fn: ContinueFn, builder: PasskeyBuilder, lengths: 
     if progress is not None:
       right = sum(r["exact_match"] for r in rows)
       progress(f"passkey length {length}: {right}/{len(rows)} exact")
+    if on_length is not None:
+      on_length({"summary": summary, "results": results})
   return {"summary": summary, "results": results}

@@ -110,17 +110,25 @@ def _is_fraction(value: Any) -> bool:
 
 
 def latest_results_path(path: str) -> str:
-  """`path` itself, or for a model directory its newest eval/passkey_step<N>.json."""
+  """`path` itself, or for a model directory its newest eval/passkey_<hash>_step<N>.json: the
+  highest step, a complete eval before a partial one, then the most recently written."""
   if not os.path.isdir(path):
     return path
+  eval_dir = os.path.join(path, "eval")
   found = []
-  for name in os.listdir(os.path.join(path, "eval")) if os.path.isdir(os.path.join(path, "eval")) else []:
-    match = re.fullmatch(r"passkey_step(\d+)\.json", name)
+  for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+    match = re.fullmatch(r"passkey_(?:[0-9a-f]+_)?step(\d+)\.json", name)
     if match:
-      found.append((int(match.group(1)), name))
+      file = os.path.join(eval_dir, name)
+      try:
+        with open(file) as f:
+          complete = json.load(f).get("complete", True) is not False
+      except (OSError, ValueError, AttributeError):
+        complete = False
+      found.append((int(match.group(1)), complete, os.path.getmtime(file), file))
   if not found:
-    raise ValueError(f"{path} is a directory with no eval/passkey_step<N>.json; run the passkey eval first.")
-  return os.path.join(path, "eval", max(found)[1])
+    raise ValueError(f"{path} is a directory with no eval/passkey_<hash>_step<N>.json; run the passkey eval first.")
+  return max(found)[3]
 
 
 def load_results(path: str) -> Results:

@@ -44,7 +44,7 @@ from memlm_jax.data import speech_features
 from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam_search, greedy_decode
 from memlm_jax.evaluation import bias_lists, wer
 from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing
-from memlm_jax.launch.eval_lib import restore_for_inference, write_json
+from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
 from memlm_jax.runtime import partitioning
 from memlm_jax.runtime.partitioning import Partitioner
 from memlm_jax.runtime.train_state import InferenceState
@@ -182,7 +182,7 @@ class _SplitDecoder:
         row["biasing_phrases"] = [] if row["id"] is None else anti[row["id"]]
       used = {p for row in rows for p in row["biasing_phrases"]}
       tokens, paddings = bias_lists.phrase_arrays([[phrase_tokens[p] for p in row["biasing_phrases"]] for row in rows],
-                                                  *tokens.shape[1:])
+                                                  *tokens.shape[1:], utterance_ids=[str(row["id"]) for row in rows])
     for phrase in sorted(used):
       bias_lists.check_spelling(phrase, phrase_tokens[phrase], self.vocabulary)
     table = self._global(biasing.phrase_table(tokens, paddings, self.vocabulary.vocab_size))
@@ -241,6 +241,7 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
   check_search(beam_size, beam_method)
   settings = list(biasing) if isinstance(biasing, (list, tuple)) else [biasing]
   partitioning.initialize_distributed()
+  check_writable(model_dir, "eval")
   restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
 
   def batches():
@@ -256,12 +257,17 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     rows = decoder.rows(setting)
     if not rows:
       raise ValueError(f"split {split!r} of task {task_name!r} has no utterances.")
+    biasing_summary = NO_BIASING if setting is None else setting.summary()
+    settings = {"task": task_name, "split": split, "batch_size": batch_size, "max_audio_samples": max_audio_samples,
+                "max_target_length": max_target_length, "max_output_length": max_output_length,
+                "beam_size": beam_size, "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
+                **biasing_summary}
     payload = {"task": task_name, "split": split, "step": restored.step, "utterances": len(rows),
                "beam_size": beam_size, "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
-               **_wer_summary(rows), **(NO_BIASING if setting is None else setting.summary())}
+               "settings": settings, **_wer_summary(rows), **biasing_summary}
     if jax.process_index() == 0:
-      name = (f"asr_{split}_beam{beam_size}{_method_name(beam_method)}{'' if setting is None else setting.name}"
-              f"_step{restored.step}")
+      name = settings_name(f"asr_{split}_beam{beam_size}{_method_name(beam_method)}"
+                           f"{'' if setting is None else setting.name}", settings, restored.step)
       base = os.path.join(model_dir, "eval", name)
       write_json(base + ".json", payload)
       _write_rows(base, rows)

@@ -22,24 +22,34 @@ from absl import logging
 from flax import nnx
 
 from memlm_jax.decoding.lm_decoding import MemoryStreamer, decode, prepend_bos
-from memlm_jax.launch.eval_lib import restore_for_inference
+from memlm_jax.launch.eval_lib import check_writable, restore_for_inference
 from memlm_jax.models import infini_lm, transformer_lm
 from memlm_jax.runtime import partitioning
 from memlm_jax.runtime.partitioning import Partitioner
 
 
 def read_prompts(path: str) -> list[str]:
-  """Lines of a text file, or the "prompt" field of each JSONL line."""
+  """Lines of a text file, or the "prompt" field of each JSONL line; errors name the file and line."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"infer.input_file {path!r} does not exist.")
   prompts = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip("\n")
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8").rstrip("\n")
+      except UnicodeDecodeError as error:
+        raise ValueError(f"{path}:{number} is not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                         f"{error.start + 1}).") from None
       if path.endswith(".jsonl"):
-        record = json.loads(line)
-        if "prompt" not in record:
-          raise ValueError(f"{path}:{number} has no 'prompt' field.")
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as error:
+          raise ValueError(f"{path}:{number} is not valid JSON ({error.msg} at column {error.colno}): "
+                           f"{line[:120]!r}.") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+          raise ValueError(f"{path}:{number} needs a string 'prompt' field, got {line[:120]!r}.")
         line = record["prompt"]
       if line:
         prompts.append(line)
@@ -48,12 +58,15 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
-def encode_prompts(prompts: list[str], vocabulary: seqio.Vocabulary, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """-> (tokens [n, width] right-padded, lengths [n]); a prompt longer than width is an error."""
+def encode_prompts(prompts: list[str], vocabulary: seqio.Vocabulary,
+                   width: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """-> (tokens [n, width] right-padded, lengths [n]); width None: the longest prompt's length.
+  A prompt longer than width (or encoding to no tokens) is an error."""
+  encoded = [vocabulary.encode(prompt) for prompt in prompts]
+  width = max(len(ids) for ids in encoded) if width is None else width
   tokens = np.zeros((len(prompts), width), np.int32)
   lengths = np.zeros((len(prompts),), np.int32)
-  for i, prompt in enumerate(prompts):
-    ids = vocabulary.encode(prompt)
+  for i, ids in enumerate(encoded):
     if not 0 < len(ids) <= width:
       raise ValueError(f"prompt {i} has {len(ids)} tokens; infer.max_prompt_length allows 1..{width}.")
     tokens[i, :len(ids)] = ids
@@ -89,11 +102,21 @@ def _batch_generator(graphdef: nnx.GraphDef, params: Any, *, max_decode_length: 
 
 @gin.configurable(denylist=["model_dir"])
 def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabulary: seqio.Vocabulary = gin.REQUIRED,
-          input_file: str = gin.REQUIRED, max_prompt_length: int = 64, max_decode_length: int = 64,
+          input_file: str = gin.REQUIRED, max_prompt_length: int | None = None, max_decode_length: int = 64,
           batch_size: int = 8, temperature: float = 0.0, seed: int = 0, checkpoint_step: int | None = None,
           partitioner: Callable[[], Partitioner] = Partitioner) -> str:
-  """Decodes every prompt of `input_file`; returns the output path."""
+  """Decodes every prompt of `input_file`; returns the output path.
+
+  max_prompt_length: the prompt buffer's width in tokens; None (default) = the longest prompt
+  of the file (memory models stream a prompt of any length segment by segment; dense models
+  attend over the whole buffer).
+  """
+  for name, value in (("max_decode_length", max_decode_length), ("batch_size", batch_size),
+                      ("max_prompt_length", 1 if max_prompt_length is None else max_prompt_length)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"infer.{name} must be a positive integer, got {value!r}.")
   partitioning.initialize_distributed()
+  check_writable(model_dir, "infer")
   prompts = read_prompts(input_file)
   restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
 

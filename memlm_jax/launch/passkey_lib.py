@@ -5,7 +5,8 @@ r"""Passkey evaluation launcher: restore a checkpoint, run passkey retrieval at 
 
 Models that declare DecodingMode.MEMORY_STREAM stream the prompt (bounded memory at any
 length); KV_CACHE models prefill a KV cache and are reported as "exceeds_context" above
-`max_context`. Writes MODEL_DIR/eval/passkey_step<N>.json (schema: evaluation/passkey.py).
+`max_context`. Writes MODEL_DIR/eval/passkey_<settings hash>_step<N>.json after every length
+(schema: evaluation/passkey.py; settings and "complete" inside).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from flax import nnx
 from memlm_jax.data.passkey import EVAL_SEED, PasskeyBuilder
 from memlm_jax.decoding import kv_cache
 from memlm_jax.decoding.lm_decoding import MemoryStreamer, prepend_bos
-from memlm_jax.evaluation.passkey import evaluate_passkey
-from memlm_jax.launch.eval_lib import restore_for_inference, write_json
+from memlm_jax.evaluation.passkey import check_settings, evaluate_passkey
+from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
 from memlm_jax.models import infini_lm, transformer_lm
 from memlm_jax.runtime import partitioning
 from memlm_jax.runtime import progress as progress_line
@@ -81,22 +82,40 @@ def passkey_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
                  max_context: int | None = None, label: str | None = None, chunk_segments: int = 64,
                  dense_chunk: int = 512, checkpoint_step: int | None = None,
                  partitioner: Callable[[], Partitioner] = Partitioner) -> dict:
-  """Evaluates passkey retrieval; returns (and writes) the results dict."""
-  partitioning.initialize_distributed()
-  restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
+  """Evaluates passkey retrieval; returns (and writes) the results dict.
+
+  Every setting is checked before the checkpoint is read. The result file
+  (eval/passkey_<settings hash>_step<N>.json, the settings inside) is rewritten atomically after
+  each length, with "complete": false until the last one.
+  """
   builder = PasskeyBuilder(vocabulary, key_min, key_max)
+  check_settings(builder, lengths, examples_per_bucket, max_context)
+  partitioning.initialize_distributed()
+  check_writable(model_dir, "eval")
+  restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
+  settings = {"lengths": list(lengths), "examples_per_bucket": examples_per_bucket, "key_min": key_min,
+              "key_max": key_max, "seed": seed, "max_context": max_context,
+              "vocabulary_size": vocabulary.vocab_size}
+  path = os.path.join(model_dir, "eval", settings_name("passkey", settings, restored.step) + ".json")
+  note = "greedy; scored on the key's digit tokens (exact match: all right; token accuracy: the fraction right)"
   net = restored.model()
+  kind = net.label
+
+  def write(results: dict, complete: bool) -> dict:
+    payload = {"model": label or kind, "step": restored.step, "metric_note": note, "settings": settings,
+               "complete": complete, **results}
+    if jax.process_index() == 0:
+      write_json(path, payload)
+    return payload
+
   with restored.partitioner.context():
     if net.decoding_mode is transformer_lm.DecodingMode.MEMORY_STREAM:
       continue_fn = streaming_continue_fn(restored.graphdef, restored.params, chunk_segments, _log_progress)
     else:
       continue_fn = dense_continue_fn(restored.graphdef, restored.params, dense_chunk)
-    kind = net.label
-    note = "" if max_context is None else f"{kind} evaluated up to {max_context} tokens (passkey_eval.max_context)"
+    context = "" if max_context is None else f"{kind} evaluated up to {max_context} tokens (passkey_eval.max_context)"
     results = evaluate_passkey(continue_fn, builder, lengths, examples_per_bucket=examples_per_bucket, seed=seed,
-                               max_context=max_context, context_note=note, progress=_log_result)
-  note = "greedy; scored on the key's digit tokens (exact match: all right; token accuracy: the fraction right)"
-  payload = {"model": label or kind, "step": restored.step, "metric_note": note, **results}
-  if jax.process_index() == 0:
-    write_json(os.path.join(model_dir, "eval", f"passkey_step{restored.step}.json"), payload)
-  return payload
+                               max_context=max_context, context_note=context, progress=_log_result,
+                               on_length=lambda partial: write(partial, complete=False))
+  logging.info("Passkey results: %s", path)
+  return write(results, complete=True)

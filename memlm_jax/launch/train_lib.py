@@ -29,6 +29,7 @@ from memlm_jax.runtime import partitioning
 from memlm_jax.runtime import progress as progress_line
 from memlm_jax.runtime import train_state as train_state_lib
 from memlm_jax.runtime.checkpoints import Checkpointer, warm_start_params
+from memlm_jax.runtime.model_dir_lock import ModelDirLock
 from memlm_jax.runtime.optimizers import make_optimizer
 from memlm_jax.runtime.partitioning import Partitioner
 from memlm_jax.runtime.summaries import MetricsLogger
@@ -79,9 +80,19 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
       checkpoint of its own takes that run's newest parameters (optimizer and data fresh); the
       model may have parameters the checkpoint lacks (they keep their init, and are listed).
   """
-  if train_steps < 0:
-    raise ValueError(f"train.train_steps must be >= 0, got {train_steps}.")
+  if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
+    raise ValueError(f"train.train_steps (TRAIN_STEPS) must be an integer >= 0, got {train_steps!r}.")
   partitioning.initialize_distributed()
+  with ModelDirLock(model_dir):
+    return _train(model_dir, model=model, train_steps=train_steps, train_dataset=train_dataset, schedule=schedule,
+                  optimizer=optimizer, partitioner=partitioner, checkpointer=checkpointer, accum_steps=accum_steps,
+                  seed=seed, log_every_steps=log_every_steps, eval_dataset=eval_dataset,
+                  eval_every_steps=eval_every_steps, init_from=init_from)
+
+
+def _train(model_dir: str, *, model, train_steps, train_dataset, schedule, optimizer, partitioner, checkpointer,
+           accum_steps, seed, log_every_steps, eval_dataset, eval_every_steps, init_from) -> dict[str, float]:
+  """`train` once the model directory is locked."""
   parts = partitioner()
   tx = optimizer(schedule=schedule)
   model_fn = lambda rngs: model(rngs=rngs)  # noqa: E731
@@ -93,7 +104,13 @@ def train(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, train_ste
 
   iterator = pipeline.TfDataIterator(pipeline.get_dataset(train_dataset))
   ckpt = checkpointer(os.path.join(model_dir, "checkpoints"))
-  restored = ckpt.restore_latest(abstract_state, iterator)
+  try:
+    restored = gin_utils.restore_or_explain(lambda: ckpt.restore_latest(abstract_state, iterator), model_dir)
+  except BaseException:
+    ckpt.close()
+    raise
+  if jax.process_index() == 0:
+    gin_utils.write_config(model_dir, "config.gin", gin.config_str())
   if restored is None:
     with parts.context():
       state = train_state_lib.init_train_state(model_fn, tx, shardings, seed)

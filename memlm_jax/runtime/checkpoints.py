@@ -69,6 +69,29 @@ def _flatten(tree: Any) -> dict[str, tuple[Any, Any]]:
   return {_path_name(path): (path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/layers/0/attention/gate': shape} of any pytree of arrays or ShapeDtypeStructs."""
+  return {name: tuple(leaf.shape) for name, (_, leaf) in _flatten(tree).items()}
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint whose parameter tree or shapes differ from the configured model's:
+  a config change, not damage. Nothing is moved; the launcher stops."""
+
+
+def first_mismatch(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
+  """One line naming the first path (in sorted order) where a checkpoint's {path: shape} and the
+  configured model's differ; None when they are the same."""
+  for name in sorted(set(saved) | set(expected)):
+    if name not in saved:
+      return f"{name!r} {expected[name]} of the configured model is not in the checkpoint"
+    if name not in expected:
+      return f"{name!r} {saved[name]} of the checkpoint is not in the configured model"
+    if saved[name] != expected[name]:
+      return f"{name!r} has shape {saved[name]} in the checkpoint but {expected[name]} in the configured model"
+  return None
+
+
 @gin.configurable
 class Checkpointer:
   """Save every `save_interval_steps`, keep the last `max_to_keep` plus every `keep_period`-th."""
@@ -113,40 +136,80 @@ class Checkpointer:
       items["data"] = DataIteratorRestore(iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-  def restore_params(self, step: int | None, abstract_params: Any) -> tuple[Any, int]:
-    """Restores only `state.params` (no optimizer state) of `step` (None: the latest)."""
+  def restore_params(self, step: int | None, abstract_params: Any, *, exact: bool = True) -> tuple[Any, int]:
+    """Restores only `state.params` (no optimizer state) of `step` (None: the latest).
+
+    With `exact` the saved parameter tree and shapes must equal `abstract_params`'
+    (CheckpointMismatchError otherwise, before anything is read); without it `abstract_params`
+    may be a subset of the saved parameters (warm start).
+    """
     step = self.latest_step() if step is None else step
     if step is None or step not in self.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} (CHECKPOINT_STEP) in {self.directory}; the steps "
                               f"that exist: {self.all_steps()}.")
+    if exact:
+      problem = first_mismatch(self.param_shapes(step), tree_shapes(abstract_params))
+      if problem:
+        raise CheckpointMismatchError(f"the checkpoint {self.directory / str(step)} does not match the configured "
+                                      f"model: parameter {problem}.")
     item = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
     return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"], step
 
-  def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-    """{'layers/0/attention/gate': shape} of the parameters saved at `step` (reads metadata only)."""
+  def _saved_tree(self, step: int) -> Any:
+    """The saved state's tree of array metadata; OSError when the metadata cannot be read (orbax
+    returns None for a truncated or garbled metadata file): the checkpoint is damaged."""
     metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
-    return {name: tuple(leaf.shape) for name, (_, leaf) in _flatten(tree["params"]).items()}
+    if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
+      raise OSError(f"the metadata of {self.directory / str(step) / 'state'} is unreadable or has no parameters")
+    return tree
+
+  def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{'layers/0/attention/gate': shape} of the parameters saved at `step` (reads metadata only)."""
+    return tree_shapes(self._saved_tree(step)["params"])
+
+  def state_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{'params/layers/0/attention/gate': shape, 'opt_state/...': ...} of the whole saved state."""
+    return tree_shapes(self._saved_tree(step))
 
   def restore_latest(self, abstract_state: Any, iterator: SavableIterator | None = None) -> tuple[Any, int] | None:
     """Restores the newest checkpoint that reads back completely.
 
-    A checkpoint that fails to restore (truncated or corrupted files) is moved to
+    A damaged checkpoint (unreadable metadata, truncated or corrupted files) is moved to
     `<dir>/corrupted/<step>-<time>` with a warning naming it, and the previous one is
-    tried. Returns (state, step), or None when no checkpoint exists.
+    tried. A readable checkpoint whose tree or shapes differ from `abstract_state` (the
+    configuration changed) raises CheckpointMismatchError before anything is read or moved,
+    and so does an input pipeline whose batches changed shape (the iterator's restore raises
+    it). Returns (state, step), or None when no checkpoint exists.
     """
+    expected = tree_shapes(abstract_state)
     for step in reversed(self.all_steps()):
       try:
+        saved = self.state_shapes(step)
+      except Exception as error:  # unreadable metadata: the checkpoint is damaged
+        self._fall_back(step, error)
+        continue
+      params = lambda shapes: {k: v for k, v in shapes.items() if k.startswith("params/")}  # noqa: E731
+      problem = first_mismatch(params(saved), params(expected)) or first_mismatch(saved, expected)
+      if problem:
+        raise CheckpointMismatchError(f"the checkpoint {self.directory / str(step)} does not match the configured "
+                                      f"model and optimizer: {problem}.")
+      try:
         return self.restore(step, abstract_state, iterator), step
+      except CheckpointMismatchError:
+        raise
       except Exception as error:  # orbax/tensorstore raise many types for damaged files
-        bad = self.directory / str(step)
-        logging.warning("Checkpoint %s (step %d) could not be restored (%s: %s); falling back to the previous "
-                        "checkpoint.", bad, step, type(error).__name__, str(error).splitlines()[0][:300])
-        self._quarantine(step)
+        self._fall_back(step, error)
     return None
+
+  def _fall_back(self, step: int, error: Exception) -> None:
+    logging.warning("Checkpoint %s (step %d) could not be restored (%s: %s); falling back to the previous "
+                    "checkpoint.", self.directory / str(step), step, type(error).__name__,
+                    str(error).splitlines()[0][:300] if str(error) else "")
+    self._quarantine(step)
 
   def _quarantine(self, step: int) -> None:
     self._manager.wait_until_finished()
@@ -209,7 +272,7 @@ def warm_start_params(init_from: str, params: Any, step: int | None = None) -> t
       for key in parents:
         node = node.setdefault(key, {})
       node[last] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-    restored, _ = source.restore_params(step, subset)
+    restored, _ = source.restore_params(step, subset, exact=False)
   finally:
     source.close()
   restored_by_name = {name: leaf for name, (_, leaf) in _flatten(restored).items()}

@@ -41,11 +41,15 @@ demo: $(STAMP)
 	  || { cat $(DEMO_DIR)/stderr.log; exit 1; }
 	@$(PY) scripts/make_tables.py passkey $(DEMO_DIR)/stage2 --metric=both --heatmap $(DEMO_DIR)/passkey_heatmap.png
 
+# Tests are spread over TEST_WORKERS processes (pytest-xdist; an idle worker steals queued tests).
+# JAX compiles on one core, so two workers keep a 2-core machine busy.
+TEST_WORKERS ?= 2
+TEST_FLAGS = -q -n $(TEST_WORKERS) --dist worksteal
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest $(TEST_FLAGS) -m "not slow" tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest $(TEST_FLAGS) tests
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train_step.py --output=results/bench_train_step.json

@@ -46,7 +46,7 @@ def _damage(step_dir):
   assert damaged
 
 
-def test_corrupted_latest_checkpoint_falls_back_to_previous_with_warning(tmp_path, caplog):
+def test_corrupted_latest_checkpoint_falls_back_to_previous_with_warning(tmp_path, caplog, capfd):
   lm_runs.corpus(str(tmp_path / "data"))
   model_dir, _ = _train(tmp_path, "run", TRAIN_STEPS=10)
   ckpt_dir = os.path.join(model_dir, "checkpoints")
@@ -63,6 +63,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous_with_warning(tmp_pat
   assert any(os.path.join(ckpt_dir, "10") in w and "falling back" in w for w in warnings), warnings
   assert os.listdir(os.path.join(ckpt_dir, "corrupted"))  # quarantined, not deleted
   assert Checkpointer(ckpt_dir).all_steps() == [5]
+  assert "Event loop is closed" not in capfd.readouterr().err  # the handled fallback prints no traceback
 
 
 @pytest.mark.slow  # CI time budget; run by make test-all

@@ -59,6 +59,7 @@ def test_the_gate_regex_finds_every_layers_gate():
   assert [p for p in paths if p.endswith("gate")] == ["layers/0/attention/gate", "layers/1/attention/gate"]
 
 
+@pytest.mark.slow  # CI time; the passkey launcher smoke test trains and stream-evaluates an Infini LM, test_launchers runs infer
 def test_train_eval_infer_with_the_infini_lm(tmp_path):
   data = lm_runs.corpus(str(tmp_path / "data"))
   model_dir = str(tmp_path / "run")

@@ -103,6 +103,7 @@ def test_a_second_trainer_on_a_locked_model_dir_stops_naming_the_holder(trained,
   assert _snapshot(model_dir) == before  # and the lock file is gone again
 
 
+@pytest.mark.slow  # CI time: a launcher process; the lock itself is tested in-process above
 def test_the_train_launcher_reports_a_held_lock_in_one_line(trained, tmp_path):
   model_dir = str(tmp_path / "locked")
   holder = subprocess.Popen(

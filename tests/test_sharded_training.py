@@ -15,6 +15,7 @@ from tests import lm_runs
 FILES = ["runs/train.gin", "tiny/lm_demo.gin"]
 
 
+@pytest.mark.slow  # CI time; test_infini_lm_training's 1-device vs 2x4 run covers the same runtime sharding path
 def test_one_device_and_2x4_mesh_give_the_same_losses(tmp_path):
   runs = lm_runs.losses_on_meshes(tmp_path, FILES, steps=20)
   (single_loss, single_grad), (mesh_loss, mesh_grad) = runs["one"], runs["mesh"]
@@ -37,7 +38,7 @@ def _state_on(mesh, tx, seed=0):
   return trainer, state, abstract
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("adafactor", marks=pytest.mark.slow)])  # adafactor: CI time
 def test_checkpoint_from_8_devices_restores_on_1_and_on_another_mesh(tmp_path, optimizer):
   from memlm_jax.runtime.optimizers import make_optimizer
   tx = make_optimizer(optimizer, optax.constant_schedule(1e-2), weight_decay=0.1)

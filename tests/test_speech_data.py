@@ -416,9 +416,10 @@ def test_a_bias_phrase_the_vocabulary_cannot_spell_is_batched_as_encoded_and_ref
     bias_lists.check_spelling("zé quimby", tokens, vocabulary)
 
 
-def test_tokenize_text_encodes_each_bias_phrase_once():
+def test_tokenize_text_encodes_each_bias_phrase_once_and_drops_blank_ones():
   features = {"targets": seqio.Feature(VOCAB, add_eos=False)}
-  example = {"audio": np.zeros(4, np.float32), "text": "call mom", "id": "u1", "bias": ["call mom", "play", "call mom"]}
+  example = {"audio": np.zeros(4, np.float32), "text": "call mom", "id": "u1",
+             "bias": ["call mom", "   ", "play", "", "call mom"]}
   [tokenized] = speech.tokenize_text(tf.data.Dataset.from_tensors(example), features).as_numpy_iterator()
   assert [p.decode() for p in tokenized["bias"]] == ["call mom", "play"]
   assert [list(ids) for ids in tokenized["bias_tokens"]] == [VOCAB.encode("call mom"), VOCAB.encode("play")]

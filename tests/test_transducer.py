@@ -55,6 +55,7 @@ def _bindings(corpus, model_dir, **extra):
   return TINY + [f"{k} = {v}" for k, v in values.items()]
 
 
+@pytest.mark.slow  # 10-20 s of tracing per size: CI time
 @pytest.mark.parametrize("size", ["s", "m", "l"])
 def test_conformer_sizes_match_the_paper(size):
   lm_runs.parse([f"models/conformer_{size}.gin"], ["VOCAB_SIZE = 1024"])

@@ -229,7 +229,8 @@ def _encode_phrases(phrases: tf.Tensor, vocabulary: seqio.Vocabulary) -> tf.Ragg
 
 def tokenize_text(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
   """Adds "targets": the "text" encoded with the targets vocabulary (no EOS); and, where the
-  example has "bias" phrases, keeps each phrase once (first occurrences, in order) and adds
+  example has "bias" phrases, drops empty or whitespace-only ones, keeps each phrase once
+  (first occurrences, in order) and adds
   "bias_tokens" int32 ragged [phrases, None], each phrase encoded alike."""
   vocabulary = output_features["targets"].vocabulary
 
@@ -237,6 +238,7 @@ def tokenize_text(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.
     example = {**example, "targets": tf.cast(vocabulary.encode_tf(example["text"]), tf.int32)}
     if "bias" in example:
       phrases = tf.unique(example["bias"]).y
+      phrases = tf.boolean_mask(phrases, tf.strings.length(tf.strings.strip(phrases)) > 0)  # drop blank ones
       example.update(bias=phrases, bias_tokens=_encode_phrases(phrases, vocabulary))
     return example
 

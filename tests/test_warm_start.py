@@ -78,13 +78,13 @@ def test_a_dense_checkpoint_warm_starts_an_infini_lm_whose_memory_off_forward_is
 
 def test_a_shape_mismatch_is_one_error_naming_the_parameter_and_both_shapes(dense_run):
   model_dir, _ = dense_run
-  with pytest.raises(ValueError, match=r"'embedding/embedding' has shape \(384, 64\) .* but \(512, 64\)"):
+  with pytest.raises(ValueError, match=r"'embedding/embedding' has shape \(384, 64\) in the checkpoint but \(512, 64\)"):
     warm_start_params(model_dir, _params(_infini(vocab_size=512)))
 
 
 def test_a_checkpoint_parameter_the_model_lacks_is_an_error(dense_run):
   model_dir, _ = dense_run
-  with pytest.raises(ValueError, match=r"'layers/1/.*' .* does not exist in the configured model"):
+  with pytest.raises(ValueError, match=r"'layers/1/.*' .* of the checkpoint is not in the configured model"):
     warm_start_params(model_dir, _params(_infini(num_layers=1)))
 
 

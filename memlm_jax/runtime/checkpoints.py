@@ -257,13 +257,11 @@ def warm_start_params(init_from: str, params: Any, step: int | None = None) -> t
                               f"(have {source.all_steps()}).")
     saved = source.param_shapes(step)
     target = _flatten(params)
-    for name, shape in saved.items():
-      if name not in target:
-        raise ValueError(f"train.init_from: parameter {name!r} {shape} of {directory} (step {step}) does not "
-                         f"exist in the configured model; is it the same kind of model?")
-      if tuple(target[name][1].shape) != shape:
-        raise ValueError(f"train.init_from: parameter {name!r} has shape {shape} in {directory} (step {step}) "
-                         f"but {tuple(target[name][1].shape)} in the configured model.")
+    # Every saved parameter must exist with its shape; the model's extra ones stay at init.
+    problem = first_mismatch(saved, {name: shape for name, shape in tree_shapes(params).items() if name in saved})
+    if problem:
+      raise CheckpointMismatchError(f"train.init_from: {directory} (step {step}) does not fit the configured "
+                                    f"model: parameter {problem}.")
     subset: dict = {}
     for name in saved:
       path, leaf = target[name]

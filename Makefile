@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/passkey_demo
 
-.PHONY: demo test test-all bench clean system-deps
+.PHONY: demo test test-multihost test-all bench clean system-deps
 
 # System packages: espeak-ng synthesizes the speech corpus the tests use. Checked on every
 # run (cheap), installed with apt when missing (sudo unless root).
@@ -46,10 +46,16 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 TEST_FLAGS = -q -n $(TEST_WORKERS) --dist worksteal
 test: $(STAMP)
-	$(PY) -m pytest $(TEST_FLAGS) -m "not slow" tests
+	$(PY) -m pytest $(TEST_FLAGS) -m "not slow and not multihost" tests
+
+# Several JAX processes per test (tests/test_multihost.py): one test at a time, since each test
+# already runs two processes and a starved process would miss its heartbeats.
+test-multihost: $(STAMP)
+	$(PY) -m pytest -q -n 0 -m "multihost and not slow" tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest $(TEST_FLAGS) tests
+	$(PY) -m pytest $(TEST_FLAGS) -m "not multihost" tests
+	$(PY) -m pytest -q -n 0 -m multihost tests
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train_step.py --output=results/bench_train_step.json

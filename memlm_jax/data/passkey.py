@@ -18,6 +18,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from memlm_jax.data.sources import IndexedFunctionDataSource
 from memlm_jax.data.vocabularies import byte_vocabulary
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -244,8 +245,7 @@ def passkey_task(name: str = "passkey", lengths: Sequence[int] = gin.REQUIRED,
       raise ValueError(f"passkey_task.lengths: {length} is shorter than the shortest prompt "
                        f"({builder.min_length()} tokens).")
 
-  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed  # the stream is already random and defined by the task's seed
+  def dataset_fn(split: str, shard_index: int, num_shards: int) -> tf.data.Dataset:
     split_seed = passkey_seed + SPLIT_SEEDS[split] * 1000
 
     def features(index):
@@ -260,7 +260,7 @@ def passkey_task(name: str = "passkey", lengths: Sequence[int] = gin.REQUIRED,
     # is external state it may ignore).
     options = tf.data.Options()
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-    return tf.data.Dataset.range(2 ** 62).map(features).with_options(options)
+    return tf.data.Dataset.range(shard_index, 2 ** 62, num_shards).map(features).with_options(options)
 
   passkey_seed = seed
   output_features = {"inputs": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
@@ -272,7 +272,7 @@ def passkey_task(name: str = "passkey", lengths: Sequence[int] = gin.REQUIRED,
     seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
       name,
-      source=seqio.FunctionDataSource(dataset_fn, splits=tuple(SPLIT_SEEDS)),
+      source=IndexedFunctionDataSource(dataset_fn, splits=tuple(SPLIT_SEEDS)),
       preprocessors=[],
       output_features=output_features,
       metric_fns=[],

@@ -181,6 +181,13 @@ class TfDataIterator:
     self._checkpoint.read(path).assert_consumed()
 
 
+  def fast_forward(self, batches: int) -> None:
+    """Skips `batches` batches (reading them): the position a fresh run of this pipeline has after
+    that many steps."""
+    for _ in range(batches):
+      next(self._iterator)
+
+
 def _shape_text(entry: list | None) -> str:
   return "none" if entry is None else f"{entry[0]} {tuple(entry[1])}"
 

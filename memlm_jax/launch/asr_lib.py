@@ -45,7 +45,7 @@ from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam
 from memlm_jax.evaluation import bias_lists, wer
 from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
-from memlm_jax.runtime import partitioning
+from memlm_jax.runtime import multihost, partitioning
 from memlm_jax.runtime.partitioning import Partitioner
 from memlm_jax.runtime.train_state import InferenceState
 
@@ -113,6 +113,14 @@ def _batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
   return rows
 
 
+def _filler_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A batch shaped like `batch` whose rows are all padding (a host whose shard has run out
+  decodes these while the others finish)."""
+  filler = {k: np.zeros_like(v) if v.dtype != object else np.full_like(v, b"") for k, v in batch.items()}
+  filler["audio_paddings"] = np.ones_like(batch["audio_paddings"])
+  return filler
+
+
 def _phrase_tokens(batch: dict[str, np.ndarray]) -> dict[str, list[int]]:
   """{phrase: its token ids} of every phrase of the batch's own lists ("bias" beside bias_tokens)."""
   lengths = (batch["bias_paddings"] == 0).sum(-1)
@@ -143,17 +151,17 @@ class _SplitDecoder:
   def _anti_lists(self, seed: int) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
     """({utterance id: anti-biasing list}, {phrase: token ids}) over the whole split."""
     if seed not in self._anti:
-      ids, texts, lists, tokens = [], [], [], {}
+      utterances, tokens = [], {}
       for batch in self.batches():
         if "id" not in batch or "bias" not in batch:
           raise ValueError(f"KmpBiasing.bias_lists='anti' needs utterance ids and per-utterance 'bias' lists; task "
                            f"{self.task_name!r} has {'no ids' if 'id' not in batch else 'no bias lists'}.")
         tokens.update(_phrase_tokens(batch))
-        for row in _batch_rows(batch):
-          if row["real"]:
-            ids.append(row["id"])
-            texts.append(row["reference"])
-            lists.append(row["bias"])
+        utterances += [(row["id"], row["reference"], row["bias"]) for row in _batch_rows(batch) if row["real"]]
+      utterances = multihost.interleave(multihost.gather_objects(utterances))  # the whole split, on every host
+      for host_tokens in multihost.gather_objects(tokens):
+        tokens.update(host_tokens)
+      ids, texts, lists = ([u[i] for u in utterances] for i in range(3))
       self._anti[seed] = dict(zip(ids, bias_lists.anti_bias_lists(ids, texts, lists, seed=seed))), tokens
     return self._anti[seed]
 
@@ -191,16 +199,19 @@ class _SplitDecoder:
   def rows(self, biasing: KmpBiasing | None) -> list[dict]:
     """{id, reference, bias, hypothesis[, biasing_phrases]} of every utterance of the split."""
     rows = []
-    with self.restored.partitioner.context():
+    partitioner = self.restored.partitioner
+    with partitioner.context():
       for batch in self.batches():
         batch_rows = _batch_rows(batch)
-        tokens, lengths = jax.device_get(self._decode_batch(batch, batch_rows, biasing))
+        tokens, lengths = (partitioner.host_rows(x) for x in self._decode_batch(batch, batch_rows, biasing))
         for i, row in enumerate(batch_rows):
           if row.pop("real"):
-            row["id"] = str(len(rows)) if row["id"] is None else row["id"]
             row["hypothesis"] = self.vocabulary.decode([int(t) for t in tokens[i, :lengths[i]]])
             rows.append(row)
         logging.info("decoded %d utterances", len(rows))
+    rows = multihost.interleave(multihost.gather_objects(rows))  # every host's shard, in the split's order
+    for index, row in enumerate(rows):
+      row["id"] = str(index) if row["id"] is None else row["id"]
     return rows
 
 
@@ -235,18 +246,28 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     model_dir: the run whose checkpoint (checkpoint_step, default the newest) is decoded.
     max_audio_samples, max_target_length: the batches' fixed shapes (speech_dataset).
     max_output_length: hypothesis width (default max_target_length).
+    batch_size: utterances per decode step over all hosts (each host decodes batch_size / hosts of
+      its own shard of the split; the rows of every host are gathered before scoring).
     beam_size, max_symbols_per_frame, beam_method: the search (module docstring).
     biasing: a KmpBiasing (None = off), or a list of settings decoded in turn (module docstring).
   """
   check_search(beam_size, beam_method)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"asr_eval.batch_size must be a positive integer, got {batch_size!r}.")
   settings = list(biasing) if isinstance(biasing, (list, tuple)) else [biasing]
   partitioning.initialize_distributed()
+  if batch_size % jax.process_count():
+    raise ValueError(f"asr_eval.batch_size={batch_size} (the global batch) must be divisible by the number of "
+                     f"processes ({jax.process_count()}).")
   check_writable(model_dir, "eval")
   restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
 
   def batches():
-    return speech_features.speech_batches(task_name, split, batch_size, max_audio_samples, max_target_length,
-                                          shuffle=False, include_text=True)
+    shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+    return multihost.in_step(
+        speech_features.speech_batches(task_name, split, batch_size // jax.process_count(), max_audio_samples,
+                                       max_target_length, shuffle=False, include_text=True, shard_info=shard),
+        filler=_filler_batch)
 
   decoder = _SplitDecoder(restored, batches, vocabulary, task_name, dict(
       beam_size=beam_size, max_symbols_per_frame=max_symbols_per_frame,

@@ -169,7 +169,7 @@ def _train(model_dir: str, *, model, train_steps, train_dataset, schedule, optim
     for step in range(start + 1, train_steps + 1):
       state, metrics = trainer.train_step(state, parts.global_batch(next(iterator)))
       pending.append((step, metrics))
-      if step == start + 1:
+      if step == start + 1 and jax.process_index() == 0:
         gin_utils.write_config(model_dir, "operative_config.gin", gin.operative_config_str())
       progress(step)
       preempted = preemption.requested or (jax.process_count() > 1 and ckpt.reached_preemption(step))

@@ -9,6 +9,7 @@ batches). The data iterator is duck-typed: an object with `save(path)` and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from typing import Any, Protocol
@@ -26,6 +27,8 @@ class SavableIterator(Protocol):
   def save(self, path: str) -> None: ...
 
   def restore(self, path: str) -> None: ...
+
+  def fast_forward(self, batches: int) -> None: ...
 
 
 def _process_file(directory: epath.Path) -> str:
@@ -97,9 +100,18 @@ class Checkpointer:
   """Save every `save_interval_steps`, keep the last `max_to_keep` plus every `keep_period`-th."""
 
   def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
-               keep_period: int | None = None, async_save: bool = True):
+               keep_period: int | None = None, async_save: bool = True, data_on_topology_change: str = "error"):
+    """data_on_topology_change: what a restore does when the checkpoint's input-pipeline positions
+    were written by another number of processes (hosts), which cannot be mapped onto this run's
+    shards: 'error' (default) stops; 'fast_forward' restores the model and optimizer and advances
+    this run's fresh input pipeline by as many batches as the checkpoint's step (so the run
+    continues as a run of the new topology would from that step; it replays those batches)."""
     if save_interval_steps < 1:
       raise ValueError(f"Checkpointer.save_interval_steps must be >= 1, got {save_interval_steps}.")
+    if data_on_topology_change not in ("error", "fast_forward"):
+      raise ValueError(f"Checkpointer.data_on_topology_change must be 'error' or 'fast_forward', got "
+                       f"{data_on_topology_change!r}.")
+    self.data_on_topology_change = data_on_topology_change
     self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     self.save_interval_steps = save_interval_steps
     self._options = ocp.CheckpointManagerOptions(
@@ -132,9 +144,31 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, iterator: SavableIterator | None = None) -> Any:
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if iterator is not None:
+    saved_processes = None if iterator is None else self._data_process_counts(step)
+    fast_forward = bool(saved_processes) and jax.process_count() not in saved_processes
+    if fast_forward and self.data_on_topology_change == "error":
+      raise CheckpointMismatchError(
+          f"the input-pipeline positions in {self.directory / str(step) / 'data'} were written by "
+          f"{' or '.join(map(str, sorted(saved_processes)))} processes, this run has {jax.process_count()}; each "
+          "process reads its own shard, so they cannot be mapped. Relaunch with the same number of processes, or "
+          "set --gin.Checkpointer.data_on_topology_change=\"'fast_forward'\" to restore the model and optimizer and "
+          f"advance this run's input pipeline by {step} batches.")
+    if iterator is not None and not fast_forward:
       items["data"] = DataIteratorRestore(iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    if fast_forward:
+      logging.warning("Checkpoint %s: input pipeline written by %s processes, now %d: advancing it by %d batches.",
+                      self.directory / str(step), sorted(saved_processes), jax.process_count(), step)
+      iterator.fast_forward(step)
+    return state
+
+  def _data_process_counts(self, step: int) -> set[int]:
+    """The process counts that wrote the input-pipeline positions of `step` (empty if none were saved)."""
+    directory = self.directory / str(step) / "data"
+    if not directory.exists():
+      return set()
+    return {int(found.group(1)) for path in directory.iterdir()
+            if (found := re.match(r"process_\d+-of-(\d+)", path.name))}
 
   def restore_params(self, step: int | None, abstract_params: Any, *, exact: bool = True) -> tuple[Any, int]:
     """Restores only `state.params` (no optimizer state) of `step` (None: the latest).

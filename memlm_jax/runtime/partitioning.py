@@ -202,6 +202,17 @@ class Partitioner:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local_batch.items()}
 
+  def host_rows(self, x: jax.Array) -> np.ndarray:
+    """This process's rows of a global [batch, ...] result of a step fed by `global_batch` (the
+    rows it put in, in its order), as numpy."""
+    if jax.process_count() == 1:
+      return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    indices = self.batch_sharding.addressable_devices_indices_map(full.shape).values()
+    spans = sorted({index[0].indices(full.shape[0])[:2] for index in indices})
+    return np.concatenate([full[start:stop] for start, stop in spans])
+
   def split_microbatches(self, x: jax.Array, accum_steps: int) -> jax.Array:
     """[batch, ...] -> [accum, batch / accum, ...] (inside jit); microbatch i = rows i, i+accum, ...
     so every microbatch stays spread over all batch shards."""
@@ -213,20 +224,69 @@ class Partitioner:
 
 
 @gin.configurable
-def initialize_distributed(mode: str = "auto") -> None:
-  """Calls `jax.distributed.initialize()` on a multi-host slice.
+def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None, heartbeat_timeout_seconds: int = 100,
+                           initialization_timeout_seconds: int = 300) -> None:
+  """Joins this process to a multi-process JAX job (`jax.distributed.initialize`).
 
-  mode: 'auto' (when Cloud TPU / cluster environment variables say there are
-  several hosts), 'always' or 'never'.
+  mode: 'auto' initialises when cluster environment variables say there are several hosts (Cloud
+  TPU pod, GKE, SLURM) or `coordinator_address` is set; 'always' always does (jax then detects
+  the cluster itself, as on a TPU VM pod); 'never' never does.
+  coordinator_address ('host:port' of process 0), num_processes and process_id name the job
+  explicitly (all three together), e.g. several CPU processes on one machine; local_device_ids
+  picks this process's devices. A process that stops sending heartbeats for
+  heartbeat_timeout_seconds is declared dead and every other process exits with an error naming it.
+  Must run before anything touches a device; the launchers call it first.
   """
   if mode not in ("auto", "always", "never"):
     raise ValueError(f"initialize_distributed.mode must be 'auto', 'always' or 'never', got {mode!r}.")
-  multi_host_env = any(os.environ.get(v) for v in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                                                    "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS"))
-  hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if mode == "auto" and not (multi_host_env and ("," in hostnames or not hostnames)):
-    return
+  explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+  given = [k for k, v in explicit.items() if v is not None]
+  if given and len(given) != 3:
+    missing = sorted(set(explicit) - set(given))
+    raise ValueError(f"initialize_distributed: {', '.join(given)} set but not {', '.join(missing)}; set all three "
+                     "(or none, to let jax detect the cluster).")
+  if given:
+    if mode == "never":
+      raise ValueError(f"initialize_distributed.mode='never' but coordinator_address={coordinator_address!r} is set.")
+    host, _, port = str(coordinator_address).rpartition(":")
+    if not host or not port.isdigit():
+      raise ValueError(f"initialize_distributed.coordinator_address must be 'host:port', got {coordinator_address!r}.")
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+      raise ValueError(f"initialize_distributed.num_processes must be an integer >= 1, got {num_processes!r}.")
+    if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+      raise ValueError(f"initialize_distributed.process_id must be an integer in 0..{num_processes - 1}, got "
+                       f"{process_id!r}.")
+  for name, value in (("heartbeat_timeout_seconds", heartbeat_timeout_seconds),
+                      ("initialization_timeout_seconds", initialization_timeout_seconds)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"initialize_distributed.{name} must be an integer >= 1, got {value!r}.")
   if mode == "never":
     return
-  jax.distributed.initialize()
-  logging.info("jax.distributed initialised: process %d of %d.", jax.process_index(), jax.process_count())
+  if mode == "auto" and not given and not _multi_host_environment():
+    return
+  if jax.distributed.is_initialized():
+    return  # a second launcher in the same process (e.g. train then eval in a script)
+  if _backends_initialized():
+    raise RuntimeError("initialize_distributed must run before anything uses a JAX device, but this process "
+                       "already has; call it first (the memlm_jax launchers do).")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id, local_device_ids=local_device_ids,
+                             initialization_timeout=initialization_timeout_seconds,
+                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  logging.info("jax.distributed initialised: process %d of %d, %d local of %d devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _multi_host_environment() -> bool:
+  """Cluster variables that mean several hosts (a single-host TPU VM sets one hostname)."""
+  hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  multi_host_env = any(os.environ.get(v) for v in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                                                    "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS"))
+  return multi_host_env and ("," in hostnames or not hostnames)
+
+
+def _backends_initialized() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()

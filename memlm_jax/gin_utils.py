@@ -13,12 +13,14 @@ from typing import Any, Callable, Sequence
 import gin
 from absl import flags
 
+from memlm_jax.runtime import files
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order (searched in --gin_search_paths).")
 GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files.")
 QUIET = flags.DEFINE_bool("quiet", False, "Show only progress lines and results on the terminal; the full absl log "
-                          "goes to MODEL_DIR/logs/.")
+                          "goes to MODEL_DIR/logs/ (for a gs:// MODEL_DIR, to --log_dir or the temp directory).")
 CONFIG_DIR = os.path.join(_REPO_ROOT, "configs")
 GIN_SEARCH_PATHS = flags.DEFINE_list("gin_search_paths", [CONFIG_DIR, ".", _REPO_ROOT],
                                      "Directories searched for --gin_file and gin `include`s.")
@@ -143,10 +145,12 @@ def explain_config_change(model_dir: str) -> str:
   """What differs between MODEL_DIR/operative_config.gin (the config its checkpoints were trained
   with) and the config of this process, as one sentence for an error message."""
   path = os.path.join(model_dir, "operative_config.gin")
-  if not os.path.isfile(path):
+  try:
+    saved = files.read_text(path)
+  except (FileNotFoundError, IsADirectoryError):
     return f"({path} is missing, so the configs cannot be compared)"
-  with open(path) as f:
-    saved = f.read()
+  except OSError as error:
+    return f"({path} could not be read: {error})"
   try:
     changed = differing_bindings(saved, gin.operative_config_str() + "\n" + gin.config_str())
   except (ValueError, SyntaxError) as error:
@@ -212,11 +216,8 @@ def exit_with_error(error: Exception, code: int = 1) -> None:
 
 
 def write_config(model_dir: str, name: str, text: str) -> None:
-  os.makedirs(model_dir, exist_ok=True)
-  tmp = os.path.join(model_dir, f".{name}.tmp")
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, os.path.join(model_dir, name))
+  """Writes MODEL_DIR/`name` (e.g. operative_config.gin) atomically; MODEL_DIR may be gs://."""
+  files.write_atomic(os.path.join(model_dir, name), text)
 
 
 def run_launcher(run_fn: Callable[[str], Any], *, on_result: Callable[[Any], None] = print,
@@ -243,11 +244,15 @@ def run_launcher(run_fn: Callable[[str], Any], *, on_result: Callable[[Any], Non
 
 
 def log_to_model_dir(directory: str) -> None:
-  """Sends the absl log to MODEL_DIR/logs/<program>.* and turns the terminal progress line on."""
+  """Sends the absl log to MODEL_DIR/logs/<program>.* and turns the terminal progress line on. absl
+  writes only local files: for a gs:// MODEL_DIR the log goes to absl's own --log_dir (or the temp
+  directory)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from memlm_jax.runtime import progress  # pylint: disable=g-import-not-at-top
-  log_dir = os.path.join(directory, "logs")
-  os.makedirs(log_dir, exist_ok=True)
+  log_dir = None
+  if files.is_local(directory):
+    log_dir = os.path.join(directory, "logs")
+    os.makedirs(log_dir, exist_ok=True)
   logging.get_absl_handler().use_absl_log_file(os.path.basename(sys.argv[0]).removesuffix(".py"), log_dir)
   progress.enable()
 

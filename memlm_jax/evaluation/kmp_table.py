@@ -10,12 +10,12 @@ always measured against the utterance's own bias list.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Optional, Sequence
 
 from memlm_jax.evaluation.passkey_report import markdown
+from memlm_jax.runtime import files
 
 Setting = tuple[Optional[str], Optional[int], float]  # (mode, top_k, delta); mode None = no biasing
 METRICS = ("wer", "b_wer", "u_wer")
@@ -24,9 +24,8 @@ METRICS = ("wer", "b_wer", "u_wer")
 def load_results(eval_dir: str, split: str = "test", beam_size: int = 4, step: int | None = None) -> list[dict]:
   """The asr_eval payloads in eval_dir for split and beam_size at `step` (None: the newest step)."""
   results = []
-  for path in sorted(glob.glob(os.path.join(eval_dir, "asr_*.json"))):
-    with open(path) as f:
-      payload = json.load(f)
+  for path in sorted(files.glob(os.path.join(eval_dir, "asr_*.json"))):
+    payload = json.loads(files.read_text(path))
     if payload.get("split") == split and payload.get("beam_size") == beam_size:
       results.append(payload)
   if not results:

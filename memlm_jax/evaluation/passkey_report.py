@@ -19,11 +19,14 @@ per-example "results", with the summary's statuses marking the cells that were n
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
 import os
 import re
 from typing import Any, Mapping, Sequence, Union
+
+from memlm_jax.runtime import files
 
 BUCKETS = ("start", "middle", "end")
 METRICS = ("exact_match", "token_accuracy")
@@ -112,20 +115,19 @@ def _is_fraction(value: Any) -> bool:
 def latest_results_path(path: str) -> str:
   """`path` itself, or for a model directory its newest eval/passkey_<hash>_step<N>.json: the
   highest step, a complete eval before a partial one, then the most recently written."""
-  if not os.path.isdir(path):
+  if not files.isdir(path):
     return path
   eval_dir = os.path.join(path, "eval")
   found = []
-  for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+  for name in files.listdir(eval_dir) if files.isdir(eval_dir) else []:
     match = re.fullmatch(r"passkey_(?:[0-9a-f]+_)?step(\d+)\.json", name)
     if match:
       file = os.path.join(eval_dir, name)
       try:
-        with open(file) as f:
-          complete = json.load(f).get("complete", True) is not False
+        complete = json.loads(files.read_text(file)).get("complete", True) is not False
       except (OSError, ValueError, AttributeError):
         complete = False
-      found.append((int(match.group(1)), complete, os.path.getmtime(file), file))
+      found.append((int(match.group(1)), complete, files.getmtime(file), file))
   if not found:
     raise ValueError(f"{path} is a directory with no eval/passkey_<hash>_step<N>.json; run the passkey eval first.")
   return max(found)[3]
@@ -135,11 +137,11 @@ def load_results(path: str) -> Results:
   """Reads one passkey results JSON (or a model directory's newest one); ValueError naming the file
   (and key) if it is malformed."""
   path = latest_results_path(path)
-  with open(path) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e}).") from e
+  text = files.read_text(path)
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}).") from e
   return validate_results(data, source=path)
 
 
@@ -394,7 +396,11 @@ def passkey_heatmap(results: Union[Results, Sequence[Results]], path: str, metri
   fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
   if len(items) > 1:
     fig.suptitle(f"Passkey retrieval, {METRIC_NAMES[metric]}")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fig.savefig(path, dpi=120)
+  if files.is_local(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+  else:  # matplotlib writes only local files
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
+    files.write_atomic(path, buffer.getvalue())
   return path

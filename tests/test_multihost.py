@@ -21,7 +21,7 @@ import pytest
 import soundfile
 
 from memlm_jax.data import sources
-from memlm_jax.launch import eval_lib, train_lib
+from memlm_jax.launch import eval_lib, infer_lib, train_lib
 from memlm_jax.runtime.summaries import read_jsonl
 from tests import lm_runs
 
@@ -61,7 +61,7 @@ def gin_flags(files: list[str], bindings: list[str]) -> list[str]:
 
 def run_in_process(kind: str, files: list[str], bindings: list[str], model_dir: str):
   lm_runs.parse(files, bindings + [f"MODEL_DIR = {model_dir!r}"])
-  return (train_lib.train if kind == "train" else eval_lib.run_eval)(model_dir)
+  return {"train": train_lib.train, "eval": eval_lib.run_eval, "infer": infer_lib.infer}[kind](model_dir)
 
 
 def losses(model_dir: str, steps) -> np.ndarray:
@@ -69,8 +69,8 @@ def losses(model_dir: str, steps) -> np.ndarray:
   return np.array([rows[s]["loss"] for s in steps])
 
 
-def _without_timings(metrics: dict) -> dict:
-  return {k: v for k, v in metrics.items() if "per_sec" not in k}
+def _without_timings(result):
+  return {k: v for k, v in result.items() if "per_sec" not in k} if isinstance(result, dict) else result
 
 
 def _assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -138,8 +138,8 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
       "MAX_TARGET_LENGTH = 24", "TRAIN_STEPS = 3", "SpecAugment.num_time_masks = 0", "SpecAugment.num_freq_masks = 0",
       "speech_dataset.max_phrases = 4", "speech_dataset.max_phrase_length = 8"]
   asr = [b for b in speech if not b.startswith("train")] + [
-      "asr_eval.beam_size = 2", "asr_eval.batch_size = 8", "asr_eval.biasing = [None, @KmpBiasing()]",
-      "KmpBiasing.delta = 5.0"]
+      "asr_eval.beam_size = 2", "asr_eval.batch_size = 8", "asr_eval.biasing = [None, @KmpBiasing(), @anti/KmpBiasing()]",
+      "KmpBiasing.delta = 5.0", "anti/KmpBiasing.bias_lists = 'anti'"]
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("the red cat\na dog ran on\nsmall\n")
   steps = [("lm", "train", LM, text), ("lm_eval", "eval", ["runs/eval.gin", "tiny/lm_demo.gin"], text),
@@ -188,6 +188,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   infer_files = [os.path.join(tmp_path, d, "lm", "infer", "prompts_step4.jsonl") for d in ("two", "one")]
   assert open(infer_files[0]).read() == open(infer_files[1]).read()
   asr_two = json.load(open(os.path.join(plan["out"], "asr_eval.process0.json")))["runs"]
+  assert len(asr_two) == len(results["asr_eval"]["runs"]) == 3
   for two, one in zip(asr_two, results["asr_eval"]["runs"]):
     assert two["utterances"] == one["utterances"] == 10
     assert {k: two[k] for k in ("wer", "b_wer", "u_wer", "substitutions")} == \
@@ -291,3 +292,31 @@ def test_joining_a_job_after_using_a_device_is_a_clear_error():
   jax.devices()  # this process has used its devices (as the test session has)
   with pytest.raises(RuntimeError, match="must run before anything uses a JAX device"):
     initialize_distributed(coordinator_address="127.0.0.1:1", num_processes=2, process_id=1)
+
+
+class _Device:
+  def __init__(self, process_index: int):
+    self.process_index = process_index
+
+
+def _grid(processes: list[int], shape: tuple[int, int, int]) -> np.ndarray:
+  devices = np.empty(len(processes), dtype=object)
+  devices[:] = [_Device(p) for p in processes]
+  return devices.reshape(shape)
+
+
+def test_each_process_reads_the_shard_of_the_batch_rows_its_devices_hold():
+  from memlm_jax.runtime.partitioning import data_shard_of  # pylint: disable=g-import-not-at-top
+  # 4 processes x 2 devices, data 4 x tensor 2: each process holds one row block
+  grid = _grid([0, 0, 1, 1, 2, 2, 3, 3], (4, 1, 2))
+  assert [data_shard_of(grid, p) for p in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+  # tensor 4 across two processes of 2 devices: both read the same shard, 2 shards in all
+  grid = _grid([0, 0, 1, 1, 2, 2, 3, 3], (2, 1, 4))
+  assert [data_shard_of(grid, p) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+  # two blocks per process (data 2 x fsdp 2): contiguous, so process 1 reads shard 1 of 2
+  grid = _grid([0, 0, 1, 1], (2, 2, 1))
+  assert data_shard_of(grid, 1) == (1, 2)
+  # a process holding blocks 0 and 2 could not be fed one contiguous slice of rows
+  grid = _grid([0, 1, 0, 1], (4, 1, 1))
+  with pytest.raises(ValueError, match="overlap or are not contiguous"):
+    data_shard_of(grid, 0)

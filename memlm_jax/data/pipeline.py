@@ -28,7 +28,8 @@ from memlm_jax.runtime.checkpoints import CheckpointMismatchError
 class DatasetConfig:
   """What to read and how to batch it (t5x's DatasetConfig, for decoder-only LMs).
 
-  batch_size is the global batch; each host reads batch_size / process_count rows.
+  batch_size is the global batch; each input shard (a host, or hosts holding the same rows) reads
+  batch_size / shards rows.
   """
 
   mixture_or_task_name: str = gin.REQUIRED
@@ -73,11 +74,22 @@ def get_task(config: DatasetConfig) -> seqio.Task | seqio.Mixture:
                      f"task or mixture (import its module with DatasetConfig.module).") from error
 
 
-def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.data.Dataset:
-  """This host's shard of the converted, batched dataset (numpy-ready features)."""
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"DatasetConfig.batch_size={config.batch_size} must be divisible by the number of hosts "
-                     f"({jax.process_count()}).")
+def input_shard(shard: tuple[int, int] | None) -> seqio.ShardInfo:
+  """(index, count) of the shard to read (a Partitioner's data_shard) as seqio's ShardInfo;
+  None: one shard per process."""
+  index, count = (jax.process_index(), jax.process_count()) if shard is None else shard
+  return seqio.ShardInfo(index=index, num_shards=count)
+
+
+def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True,
+                shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+  """Shard `shard` (index, count; default: this process of all) of the converted, batched
+  dataset (numpy-ready features): batch_size / count rows a batch."""
+  shard_info = input_shard(shard)
+  if config.batch_size % shard_info.num_shards:
+    raise ValueError(f"DatasetConfig.batch_size={config.batch_size} must be divisible by the number of input "
+                     f"shards ({shard_info.num_shards}, one per host or per group of hosts holding the same rows).")
+  local_batch = config.batch_size // shard_info.num_shards
   task = get_task(config)
   if config.split not in task.splits:
     raise ValueError(f"split {config.split!r} is not in task {task.name!r} (it has {list(task.splits)}).")
@@ -97,10 +109,9 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
     if config.pack:
       raise ValueError("DatasetConfig.pack must be False for feature_converter='speech' (utterances are not packed).")
     return speech_features.speech_dataset(
-        config.mixture_or_task_name, config.split, config.batch_size // jax.process_count(), config.sequence_length,
+        config.mixture_or_task_name, config.split, local_batch, config.sequence_length,
         config.targets_length, shuffle=config.shuffle, seed=config.seed, num_epochs=config.num_epochs,
-        drop_remainder=drop_remainder,
-        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
+        drop_remainder=drop_remainder, shard_info=shard_info)
   else:
     raise ValueError(f"DatasetConfig.feature_converter must be 'decoder', 'prefix_lm' or 'speech', got "
                      f"{config.feature_converter!r}.")
@@ -112,7 +123,7 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
       shuffle=config.shuffle,
       num_epochs=config.num_epochs,
       feature_converter=converter,
-      shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
+      shard_info=shard_info,
       use_cached=config.use_cached,
       seed=config.seed,
       trim_output_features=False,  # an example longer than its feature length is an error, never cut
@@ -120,7 +131,7 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True) -> tf.dat
   options = tf.data.Options()
   options.deterministic = True
   dataset = dataset.with_options(options)
-  return dataset.batch(config.batch_size // jax.process_count(), drop_remainder=drop_remainder)
+  return dataset.batch(local_batch, drop_remainder=drop_remainder)
 
 
 def _passthrough_specs(config: DatasetConfig,
@@ -200,18 +211,22 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
   return {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
-def eval_batches(config: DatasetConfig) -> list[dict[str, np.ndarray]]:
-  """One pass over `config.split`, unshuffled; the final batch is zero-padded, and on
-  several hosts every host gets the same number of batches (extra ones all padding)."""
+def eval_batches(config: DatasetConfig, shard: tuple[int, int] | None = None) -> list[dict[str, np.ndarray]]:
+  """One pass over shard `shard` (see get_dataset) of `config.split`, unshuffled; the final batch
+  is zero-padded, and on several hosts every host gets the same number of batches (extra ones
+  all padding), so every host runs the same number of eval steps."""
   config = dataclasses.replace(config, shuffle=False, num_epochs=1)
-  local_batch = config.batch_size // jax.process_count()
-  batches = [pad_batch(b, local_batch) for b in get_dataset(config, drop_remainder=False).as_numpy_iterator()]
-  if not batches:
-    raise ValueError(f"split {config.split!r} of {config.mixture_or_task_name!r} is empty on host "
-                     f"{jax.process_index()}.")
-  if jax.process_count() > 1:
+  local_batch = config.batch_size // input_shard(shard).num_shards
+  batches = [pad_batch(b, local_batch)
+             for b in get_dataset(config, drop_remainder=False, shard=shard).as_numpy_iterator()]
+  counts = [len(batches)]
+  if jax.process_count() > 1:  # every host learns every count before any host can fail
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    most = int(np.max(multihost_utils.process_allgather(np.asarray(len(batches)))))
-    empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
-    batches += [empty] * (most - len(batches))
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray(len(batches)))).reshape(-1).tolist()
+  if min(counts) == 0:
+    raise ValueError(f"split {config.split!r} of {config.mixture_or_task_name!r} is empty on host "
+                     f"{counts.index(0)} of {len(counts)} (batches per host: {counts}); use fewer hosts or a "
+                     "larger split.")
+  empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
+  batches += [empty] * (max(counts) - len(batches))
   return batches

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memlm_jax.layers.cached_attention import cache_length, check_room
+from memlm_jax.runtime import multihost
 
 ExtendFn = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -70,7 +71,7 @@ def greedy_continue(lm: CachedLM, params: Any, cache: Any, prompts: np.ndarray, 
     offset += chunk
   out = []
   for t in range(num_tokens):
-    token = np.asarray(jnp.argmax(last, axis=-1), np.int32)
+    token = multihost.fetch(jnp.argmax(last, axis=-1)).astype(np.int32)
     out.append(token)
     logits, cache = lm.forward(params, token[:, None], cache, length + t)
     last = logits[:, 0]

@@ -45,7 +45,7 @@ from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam
 from memlm_jax.evaluation import bias_lists, wer
 from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
-from memlm_jax.runtime import multihost, partitioning
+from memlm_jax.runtime import files, multihost, partitioning
 from memlm_jax.runtime.partitioning import Partitioner
 from memlm_jax.runtime.train_state import InferenceState
 
@@ -158,8 +158,9 @@ class _SplitDecoder:
                            f"{self.task_name!r} has {'no ids' if 'id' not in batch else 'no bias lists'}.")
         tokens.update(_phrase_tokens(batch))
         utterances += [(row["id"], row["reference"], row["bias"]) for row in _batch_rows(batch) if row["real"]]
-      utterances = multihost.interleave(multihost.gather_objects(utterances))  # the whole split, on every host
-      for host_tokens in multihost.gather_objects(tokens):
+      shard = self.restored.partitioner.data_shard  # the whole split, on every host
+      utterances = multihost.interleave(multihost.gather_shards(utterances, shard))
+      for host_tokens in multihost.gather_shards(tokens, shard):
         tokens.update(host_tokens)
       ids, texts, lists = ([u[i] for u in utterances] for i in range(3))
       self._anti[seed] = dict(zip(ids, bias_lists.anti_bias_lists(ids, texts, lists, seed=seed))), tokens
@@ -209,7 +210,8 @@ class _SplitDecoder:
             row["hypothesis"] = self.vocabulary.decode([int(t) for t in tokens[i, :lengths[i]]])
             rows.append(row)
         logging.info("decoded %d utterances", len(rows))
-    rows = multihost.interleave(multihost.gather_objects(rows))  # every host's shard, in the split's order
+    shard = partitioner.data_shard  # every shard's rows, in the split's order
+    rows = multihost.interleave(multihost.gather_shards(rows, shard))
     for index, row in enumerate(rows):
       row["id"] = str(index) if row["id"] is None else row["id"]
     return rows
@@ -228,9 +230,7 @@ def _wer_summary(rows: Sequence[dict]) -> dict[str, Any]:
 
 
 def _write_rows(base: str, rows: Sequence[dict]) -> None:
-  with open(base + ".jsonl.tmp", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  os.replace(base + ".jsonl.tmp", base + ".jsonl")
+  files.write_atomic(base + ".jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -256,17 +256,19 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     raise ValueError(f"asr_eval.batch_size must be a positive integer, got {batch_size!r}.")
   settings = list(biasing) if isinstance(biasing, (list, tuple)) else [biasing]
   partitioning.initialize_distributed()
-  if batch_size % jax.process_count():
+  parts = partitioner()
+  shard = parts.data_shard
+  if batch_size % shard[1]:
     raise ValueError(f"asr_eval.batch_size={batch_size} (the global batch) must be divisible by the number of "
-                     f"processes ({jax.process_count()}).")
+                     f"input shards ({shard[1]}, one per host or per group of hosts holding the same rows).")
   check_writable(model_dir, "eval")
-  restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
+  restored = restore_for_inference(model_dir, model, parts, checkpoint_step)
 
   def batches():
-    shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
     return multihost.in_step(
-        speech_features.speech_batches(task_name, split, batch_size // jax.process_count(), max_audio_samples,
-                                       max_target_length, shuffle=False, include_text=True, shard_info=shard),
+        speech_features.speech_batches(task_name, split, batch_size // shard[1], max_audio_samples,
+                                       max_target_length, shuffle=False, include_text=True,
+                                       shard_info=seqio.ShardInfo(index=shard[0], num_shards=shard[1])),
         filler=_filler_batch)
 
   decoder = _SplitDecoder(restored, batches, vocabulary, task_name, dict(

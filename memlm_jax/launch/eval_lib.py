@@ -22,7 +22,7 @@ from absl import logging
 from memlm_jax import gin_utils
 from memlm_jax.data import pipeline
 from memlm_jax.evaluation.perplexity import lm_metrics
-from memlm_jax.runtime import partitioning
+from memlm_jax.runtime import files, partitioning
 from memlm_jax.runtime import train_state as train_state_lib
 from memlm_jax.runtime.checkpoints import Checkpointer
 from memlm_jax.runtime.partitioning import Partitioner
@@ -59,23 +59,17 @@ def check_writable(model_dir: str, subdir: str) -> None:
   if jax.process_index() != 0:
     return
   try:
-    os.makedirs(directory, exist_ok=True)
     probe = os.path.join(directory, f".write_check_{os.getpid()}")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
+    files.write_atomic(probe, "")
+    files.remove(probe)
   except OSError as error:
     raise OSError(f"cannot write results to {directory} ({error.strerror or error}); fix its permissions or "
                   "choose another MODEL_DIR before evaluating.") from None
 
 
 def write_json(path: str, payload: dict) -> None:
-  """Atomic write (temp file + rename): a crash never leaves a half-written result."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Atomic write (temp file + rename): a crash never leaves a half-written result. `path` may be gs://."""
+  files.write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -89,7 +83,7 @@ def evaluate(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED,
   restored = restore_for_inference(model_dir, model, partitioner(), checkpoint_step)
   step = restored.step
   evaluator = Evaluator(restored.graphdef, restored.partitioner, jax.tree.map(lambda x: x.sharding, restored.params))
-  metrics = lm_metrics(evaluator.eval_totals(restored.params, pipeline.eval_batches(dataset)))
+  metrics = lm_metrics(evaluator.eval_totals(restored.params, pipeline.eval_batches(dataset, restored.partitioner.data_shard)))
   settings = dataclasses.asdict(dataset)
   name = settings_name(f"{dataset.mixture_or_task_name}_{dataset.split}", settings, step)
   if jax.process_index() == 0:

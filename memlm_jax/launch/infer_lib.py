@@ -24,7 +24,7 @@ from flax import nnx
 from memlm_jax.decoding.lm_decoding import MemoryStreamer, decode, prepend_bos
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference
 from memlm_jax.models import infini_lm, transformer_lm
-from memlm_jax.runtime import partitioning
+from memlm_jax.runtime import files, multihost, partitioning
 from memlm_jax.runtime.partitioning import Partitioner
 
 
@@ -129,7 +129,7 @@ def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabular
     n = len(prompts[chunk])
     pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)])  # noqa: E731
     with restored.partitioner.context():
-      out, out_len = jax.device_get(generate(pad(tokens[chunk]), pad(lengths[chunk]),
+      out, out_len = multihost.fetch(generate(pad(tokens[chunk]), pad(lengths[chunk]),
                                              jax.random.fold_in(jax.random.key(seed), start)))
     for prompt, ids, k in zip(prompts[chunk], out[:n], out_len[:n]):
       ids = [int(t) for t in ids[:k] if t != vocabulary.eos_id]
@@ -137,9 +137,6 @@ def infer(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, vocabular
   name = os.path.splitext(os.path.basename(input_file))[0]
   path = os.path.join(model_dir, "infer", f"{name}_step{restored.step}.jsonl")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
+    files.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
   logging.info("Wrote %d continuations to %s.", len(rows), path)
   return path

@@ -27,7 +27,7 @@ from memlm_jax.decoding.lm_decoding import MemoryStreamer, prepend_bos
 from memlm_jax.evaluation.passkey import check_settings, evaluate_passkey
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
 from memlm_jax.models import infini_lm, transformer_lm
-from memlm_jax.runtime import partitioning
+from memlm_jax.runtime import multihost, partitioning
 from memlm_jax.runtime import progress as progress_line
 from memlm_jax.runtime.partitioning import Partitioner
 
@@ -57,7 +57,7 @@ def streaming_continue_fn(graphdef: nnx.GraphDef, params: Any, chunk_segments: i
     prompts, lengths = prepend_bos(prompts, np.full((prompts.shape[0],), prompts.shape[1]))
     state = streamer.prefill(params, net.init_memory(prompts.shape[0]), prompts, lengths, progress=report)
     generated, _, _ = streamer.generate(params, state, num_tokens=num_tokens, eos_id=-1)
-    return np.asarray(generated)
+    return multihost.fetch(generated)
 
   return continue_fn
 

@@ -102,7 +102,7 @@ def _train(model_dir: str, *, model, train_steps, train_dataset, schedule, optim
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   logging.info("Model: %d parameters; mesh %s.", num_params, dict(parts.mesh.shape))
 
-  iterator = pipeline.TfDataIterator(pipeline.get_dataset(train_dataset))
+  iterator = pipeline.TfDataIterator(pipeline.get_dataset(train_dataset, shard=parts.data_shard))
   ckpt = checkpointer(os.path.join(model_dir, "checkpoints"))
   try:
     restored = gin_utils.restore_or_explain(lambda: ckpt.restore_latest(abstract_state, iterator), model_dir)
@@ -128,7 +128,9 @@ def _train(model_dir: str, *, model, train_steps, train_dataset, schedule, optim
   eval_logger = MetricsLogger(model_dir, "validation") if eval_dataset is not None and eval_every_steps else None
   progress = periodic_actions.ReportProgress(num_train_steps=train_steps, writer=logger.writer,
                                              every_steps=log_every_steps)
-  preemption = _Preemption()
+  # On several hosts each would see SIGTERM at its own step and stop out of step with the others;
+  # there the cluster's preemption notice (reached_preemption, agreed by all hosts) decides.
+  preemption = _Preemption() if jax.process_count() == 1 else None
   pending: list[tuple[int, dict]] = []  # (step number after the update, device metrics)
   last: dict[str, float] = {}
   window_tokens, window_start = 0.0, time.time()
@@ -172,13 +174,13 @@ def _train(model_dir: str, *, model, train_steps, train_dataset, schedule, optim
       if step == start + 1 and jax.process_index() == 0:
         gin_utils.write_config(model_dir, "operative_config.gin", gin.operative_config_str())
       progress(step)
-      preempted = preemption.requested or (jax.process_count() > 1 and ckpt.reached_preemption(step))
+      preempted = preemption.requested if preemption is not None else ckpt.reached_preemption(step)
       must_save = ckpt.should_save(step) or step == train_steps or preempted
       check(step if (must_save or step % log_every_steps == 0) else step - 1)
       if must_save:
         ckpt.save(step, state, iterator, force=True)
       if eval_logger is not None and step % eval_every_steps == 0:
-        totals = trainer.evaluator.eval_totals(state.params, pipeline.eval_batches(eval_dataset))
+        totals = trainer.evaluator.eval_totals(state.params, pipeline.eval_batches(eval_dataset, parts.data_shard))
         eval_logger.write(step, lm_metrics(totals))
       if preempted:
         logging.warning("Stopped at step %d after preemption; checkpoint saved.", step)
@@ -189,7 +191,8 @@ def _train(model_dir: str, *, model, train_steps, train_dataset, schedule, optim
     progress_line.done(f"train {run_name}: step {ckpt.latest_step()}/{train_steps}{loss_text}  (checkpoints: "
                        f"{model_dir}/checkpoints)")
   finally:
-    preemption.restore()
+    if preemption is not None:
+      preemption.restore()
     ckpt.close()
     logger.close()
     if eval_logger is not None:

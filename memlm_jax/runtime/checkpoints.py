@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from memlm_jax.runtime import files
 from memlm_jax.runtime.train_state import path_keys
 
 
@@ -80,6 +81,11 @@ def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 class CheckpointMismatchError(ValueError):
   """A readable checkpoint whose parameter tree or shapes differ from the configured model's:
   a config change, not damage. Nothing is moved; the launcher stops."""
+
+
+class DataFastForwardError(RuntimeError):
+  """The input pipeline could not be advanced to a checkpoint's step (a data problem; the
+  checkpoint is left where it is)."""
 
 
 def first_mismatch(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
@@ -153,13 +159,21 @@ class Checkpointer:
           "process reads its own shard, so they cannot be mapped. Relaunch with the same number of processes, or "
           "set --gin.Checkpointer.data_on_topology_change=\"'fast_forward'\" to restore the model and optimizer and "
           f"advance this run's input pipeline by {step} batches.")
-    if iterator is not None and not fast_forward:
+    if iterator is not None and not saved_processes:
+      logging.warning("Checkpoint %s holds no input-pipeline position: the pipeline starts from its beginning.",
+                      self.directory / str(step))
+    if iterator is not None and saved_processes and not fast_forward:
       items["data"] = DataIteratorRestore(iterator)
     state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
     if fast_forward:
       logging.warning("Checkpoint %s: input pipeline written by %s processes, now %d: advancing it by %d batches.",
                       self.directory / str(step), sorted(saved_processes), jax.process_count(), step)
-      iterator.fast_forward(step)
+      try:
+        iterator.fast_forward(step)
+      except Exception as error:  # the data, not the checkpoint: never quarantine for this
+        raise DataFastForwardError(f"advancing the input pipeline by {step} batches to resume from "
+                                   f"{self.directory / str(step)} failed ({type(error).__name__}: {error}); "
+                                   "the dataset may have fewer batches than that.") from error
     return state
 
   def _data_process_counts(self, step: int) -> set[int]:
@@ -233,7 +247,7 @@ class Checkpointer:
                                       f"model and optimizer: {problem}.")
       try:
         return self.restore(step, abstract_state, iterator), step
-      except CheckpointMismatchError:
+      except (CheckpointMismatchError, DataFastForwardError):
         raise
       except Exception as error:  # orbax/tensorstore raise many types for damaged files
         self._fall_back(step, error)
@@ -279,9 +293,9 @@ def warm_start_params(init_from: str, params: Any, step: int | None = None) -> t
   (e.g. Infini-attention gates when warm-starting from a dense LM) keep their init values.
   Only the parameters are read: the optimizer state and the data position start fresh.
   """
-  directory = os.path.join(init_from, "checkpoints") if os.path.isdir(os.path.join(init_from, "checkpoints")) \
+  directory = os.path.join(init_from, "checkpoints") if files.isdir(os.path.join(init_from, "checkpoints")) \
       else init_from
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):
     raise FileNotFoundError(f"train.init_from {init_from!r} is not a model directory or a checkpoints directory.")
   source = Checkpointer(directory)
   try:

@@ -28,6 +28,26 @@ def gather_objects(value: Any) -> list[Any]:
   return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(gathered, sizes)]
 
 
+def fetch(tree: Any) -> Any:
+  """numpy values of a pytree of jax arrays, gathering those that span other processes' devices
+  (every process must call it at the same point, as for any collective)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
+
+
+def gather_shards(value: Any, shard: tuple[int, int]) -> list[Any]:
+  """The JSON-serialisable `value` of each input shard (index, count), in shard order: processes
+  that read the same shard (hosts holding the same batch rows) count once."""
+  by_shard: dict[int, Any] = {}
+  for index, shard_value in gather_objects([shard[0], value]):
+    by_shard.setdefault(index, shard_value)
+  return [by_shard[index] for index in range(shard[1])]
+
+
 def interleave(per_process: Sequence[Sequence[T]]) -> list[T]:
   """Rows read as shards i, i+N, i+2N, ... by N processes, back in one-process order."""
   longest = max((len(rows) for rows in per_process), default=0)

@@ -128,6 +128,7 @@ class Partitioner:
     self.rules = merge_rules(logical_axis_rules, rule_overrides)
     self.mesh = mesh if isinstance(mesh, Mesh) else mesh()
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
+    self._data_shard: tuple[int, int] | None = None
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
 
   @property
@@ -192,11 +193,20 @@ class Partitioner:
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=pure_params, opt_state=abstract_opt)
     return with_shardings(abstract, shardings), shardings
 
+  @property
+  def data_shard(self) -> tuple[int, int]:
+    """(index, count) of the input shard this process reads (see `data_shard_of`)."""
+    if self._data_shard is None:
+      self._data_shard = data_shard_of(self.mesh.devices, jax.process_index())
+    return self._data_shard
+
   def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host-local numpy arrays [local_batch, ...] -> global arrays sharded over (data, fsdp)."""
+    """Host-local numpy arrays [local_batch, ...] (this process's input shard) -> global arrays
+    sharded over (data, fsdp)."""
     rows = {len(v) for v in local_batch.values()}
-    if any((r * jax.process_count()) % self.batch_shards for r in rows):
-      raise ValueError(f"a global batch of {sorted(rows)[0] * jax.process_count()} rows cannot be split over the "
+    shards = self.data_shard[1]
+    if any((r * shards) % self.batch_shards for r in rows):
+      raise ValueError(f"a global batch of {sorted(rows)[0] * shards} rows cannot be split over the "
                        f"mesh's data x fsdp = {self.batch_shards} shards; make the batch size a multiple of "
                        f"{self.batch_shards}.")
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
@@ -221,6 +231,28 @@ class Partitioner:
       raise ValueError(f"global batch size {batch} is not divisible by accum_steps={accum_steps}.")
     x = x.reshape(batch // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES)))
+
+
+def data_shard_of(devices: np.ndarray, process_index: int) -> tuple[int, int]:
+  """(index, count) of the input shard that process `process_index` reads, for a mesh whose
+  device grid is `devices` [data, fsdp, tensor].
+
+  The batch is split into data x fsdp row blocks; a process feeds the blocks its devices hold.
+  Processes holding the same blocks (a tensor axis spanning hosts) read the same shard; the
+  blocks of each shard must be contiguous and every shard the same size, or a process's rows
+  could not be placed: a ValueError then names the mesh.
+  """
+  fsdp = devices.shape[1]
+  owned: dict[int, set[int]] = {}
+  for (data_index, fsdp_index, _), device in np.ndenumerate(devices):
+    owned.setdefault(device.process_index, set()).add(data_index * fsdp + fsdp_index)
+  shards = sorted({tuple(sorted(blocks)) for blocks in owned.values()})
+  size = len(shards[0])
+  if any(shard != tuple(range(i * size, (i + 1) * size)) for i, shard in enumerate(shards)):
+    raise ValueError(f"the mesh {dict(zip(MESH_AXES, devices.shape))} gives processes batch blocks (data x fsdp) "
+                     f"that overlap or are not contiguous ({dict(sorted(owned.items()))}); choose make_mesh sizes "
+                     "whose tensor axis fits within one host's devices or spans whole hosts.")
+  return shards.index(tuple(sorted(owned[process_index]))), len(shards)
 
 
 @gin.configurable

@@ -191,7 +191,6 @@ class TfDataIterator:
             "MODEL_DIR that warm-starts from this run (--gin.train.init_from=\"'<this MODEL_DIR>'\").")
     self._checkpoint.read(path).assert_consumed()
 
-
   def fast_forward(self, batches: int) -> None:
     """Skips `batches` batches (reading them): the position a fresh run of this pipeline has after
     that many steps."""

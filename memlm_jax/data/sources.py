@@ -1,9 +1,11 @@
-"""seqio data sources that shard over any number of hosts, each host reading a disjoint part.
+"""A seqio data source for generated streams that shards over hosts without generating the
+whole stream on every host.
 
-seqio's TextLineDataSource shards by file (a single-file corpus cannot be split over two hosts)
-and its FunctionDataSource refuses to shard at all. These two keep the single-host stream
-unchanged and, on N hosts, give host i exactly the examples i, i+N, i+2N, ... of it: nothing is
-read twice or skipped, and the union over hosts is the one-host dataset.
+seqio's Task.get_dataset shards any source: one that cannot shard itself is read whole on
+every host and split at the examples (host i keeps examples i, i+N, ...). For a generator that
+would make each host build every example and keep 1/N of them. IndexedFunctionDataSource gives
+the same examples to the same host, generating only those: nothing is read twice or skipped,
+and the single-host stream is unchanged.
 """
 
 from __future__ import annotations
@@ -12,24 +14,6 @@ from typing import Callable, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
-
-
-class ShardedTextLineDataSource(seqio.TextLineDataSource):
-  """Text lines; with fewer files than hosts, every host reads all files and keeps every N-th line."""
-
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
-                  shard_info: seqio.ShardInfo | None = None, *, sequence_length: Mapping[str, int] | None = None,
-                  use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
-    del sequence_length, use_cached, num_epochs
-    if shard_info is None or shard_info.num_shards <= 1 or len(self.list_shards(split)) >= shard_info.num_shards:
-      return super().get_dataset(split, shuffle, seed, shard_info)
-    # Every host shuffles the file order with the same seed, so the line-level shard is disjoint.
-    lines = super().get_dataset(split, shuffle, seed, None)
-    return lines.shard(shard_info.num_shards, shard_info.index)
 
 
 class IndexedFunctionDataSource(seqio.FunctionDataSource):

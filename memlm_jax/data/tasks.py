@@ -16,7 +16,6 @@ import gin
 import seqio
 import tensorflow as tf
 
-from memlm_jax.data.sources import ShardedTextLineDataSource
 from memlm_jax.data.vocabularies import byte_vocabulary
 
 
@@ -69,7 +68,7 @@ def text_lm_task(name: str = gin.REQUIRED, split_files: Mapping[str, str] = gin.
     seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
       name,
-      source=ShardedTextLineDataSource(dict(split_files)),
+      source=seqio.TextLineDataSource(dict(split_files)),
       preprocessors=[
           lines_to_targets,
           seqio.preprocessors.tokenize,

@@ -40,7 +40,7 @@ import seqio
 from absl import logging
 from flax import nnx
 
-from memlm_jax.data import speech_features
+from memlm_jax.data import pipeline, speech_features
 from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam_search, greedy_decode
 from memlm_jax.evaluation import bias_lists, wer
 from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing
@@ -268,7 +268,7 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     return multihost.in_step(
         speech_features.speech_batches(task_name, split, batch_size // shard[1], max_audio_samples,
                                        max_target_length, shuffle=False, include_text=True,
-                                       shard_info=seqio.ShardInfo(index=shard[0], num_shards=shard[1])),
+                                       shard_info=pipeline.input_shard(shard)),
         filler=_filler_batch)
 
   decoder = _SplitDecoder(restored, batches, vocabulary, task_name, dict(

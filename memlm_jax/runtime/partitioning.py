@@ -24,6 +24,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from memlm_jax.runtime import multihost
 from memlm_jax.runtime.train_state import TrainState, path_keys
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -215,10 +216,9 @@ class Partitioner:
   def host_rows(self, x: jax.Array) -> np.ndarray:
     """This process's rows of a global [batch, ...] result of a step fed by `global_batch` (the
     rows it put in, in its order), as numpy."""
+    full = multihost.fetch(x)
     if jax.process_count() == 1:
-      return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      return full
     indices = self.batch_sharding.addressable_devices_indices_map(full.shape).values()
     spans = sorted({index[0].indices(full.shape[0])[:2] for index in indices})
     return np.concatenate([full[start:stop] for start, stop in spans])

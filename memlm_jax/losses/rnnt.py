@@ -336,6 +336,23 @@ def rnnt_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array,
   return _rnnt_from_emissions(blank, label, t_len, u_len)
 
 
+def _masked_lattice(blank_logprobs: jax.Array, label_logprobs: jax.Array, logit_paddings: jax.Array,
+                    label_paddings: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Checks the two [batch, frames, labels + 1] log-prob arrays against the paddings; returns them in
+  float32 (or wider) with -inf off each example's lattice, and the lengths T, U [batch]."""
+  if blank_logprobs.ndim != 3 or blank_logprobs.shape != label_logprobs.shape:
+    raise ValueError(f"blank_logprobs / label_logprobs must both be [batch, frames, labels + 1]; got shapes "
+                     f"{blank_logprobs.shape} / {label_logprobs.shape}.")
+  batch, frames, u1 = blank_logprobs.shape
+  _check_paddings(batch, frames, u1 - 1, logit_paddings, label_paddings)
+  t_len, u_len = _lengths(logit_paddings, label_paddings)
+  blank_ok, label_ok = _cell_masks(jnp.arange(frames), t_len, u_len, u1)
+  dtype = jnp.promote_types(blank_logprobs.dtype, jnp.float32)
+  blank = jnp.where(blank_ok, blank_logprobs.astype(dtype), _NEG_INF)
+  label = jnp.where(label_ok, label_logprobs.astype(dtype), _NEG_INF)
+  return blank, label, t_len, u_len
+
+
 def rnnt_loss_from_logprobs(blank_logprobs: jax.Array, label_logprobs: jax.Array, logit_paddings: jax.Array,
                             label_paddings: jax.Array) -> jax.Array:
   """Per-example RNN-T NLL from the two log-probs each lattice cell uses.
@@ -351,18 +368,9 @@ def rnnt_loss_from_logprobs(blank_logprobs: jax.Array, label_logprobs: jax.Array
     padding, empty and infeasible examples. The gradient is the closed-form alpha-beta
     occupation (custom VJP running the beta recursion), exactly zero off the lattice.
   """
-  if blank_logprobs.ndim != 3 or blank_logprobs.shape != label_logprobs.shape:
-    raise ValueError(f"blank_logprobs / label_logprobs must both be [batch, frames, labels + 1]; got shapes "
-                     f"{blank_logprobs.shape} / {label_logprobs.shape}.")
-  batch, frames, u1 = blank_logprobs.shape
-  _check_paddings(batch, frames, u1 - 1, logit_paddings, label_paddings)
-  t_len, u_len = _lengths(logit_paddings, label_paddings)
-  if frames == 0:
+  blank, label, t_len, u_len = _masked_lattice(blank_logprobs, label_logprobs, logit_paddings, label_paddings)
+  if blank.shape[1] == 0:
     return _no_frames_nll(t_len, u_len)
-  blank_ok, label_ok = _cell_masks(jnp.arange(frames), t_len, u_len, u1)
-  dtype = jnp.promote_types(blank_logprobs.dtype, jnp.float32)
-  blank = jnp.where(blank_ok, blank_logprobs.astype(dtype), _NEG_INF)
-  label = jnp.where(label_ok, label_logprobs.astype(dtype), _NEG_INF)
   return _lattice_nll(blank, label, t_len, u_len)
 
 
@@ -426,3 +434,77 @@ def rnnt_loss_from_joint(encoder_out: jax.Array, predictor_out: jax.Array, joint
     return jnp.swapaxes(x, 0, 1).reshape(batch, n_chunks * chunk, u1)[:, :frames]
 
   return _lattice_nll(unchunk(blank), unchunk(label), t_len, u_len)
+
+
+def emission_logprobs(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array, label_paddings: jax.Array,
+                      blank_id: int = BLANK_ID) -> tuple[jax.Array, jax.Array]:
+  """The two log-probs each lattice cell uses, from full joint logits.
+
+  Args:
+    logits, logit_paddings, labels, label_paddings, blank_id: as in `rnnt_loss`.
+  Returns:
+    (blank, label), each [batch, frames, labels + 1] float32: log P(blank | t, u) and
+    log P(labels[u] | t, u), -inf off each example's lattice (the input of
+    `rnnt_loss_from_logprobs` and `viterbi_alignment`).
+  """
+  if logits.ndim != 4:
+    raise ValueError(f"logits must be [batch, frames, labels + 1, vocab]; got shape {logits.shape}.")
+  batch, frames, u1, vocab = logits.shape
+  _check_paddings(batch, frames, u1 - 1, logit_paddings, label_paddings, labels)
+  _check_blank_id(blank_id, vocab)
+  t_len, u_len = _lengths(logit_paddings, label_paddings)
+  return _emissions(logits, _extend_labels(labels), jnp.arange(frames), t_len, u_len, blank_id)
+
+
+def viterbi_alignment(blank_logprobs: jax.Array, label_logprobs: jax.Array, logit_paddings: jax.Array,
+                      label_paddings: jax.Array) -> jax.Array:
+  """The frame at which the most likely alignment emits each label (forced alignment).
+
+  The max-product version of the loss's alpha recursion, over the same anti-diagonals,
+  remembering at each cell whether the best path arrived by a label or by a blank; then a
+  backtrack from the final cell (T - 1, U). Ties go to the blank. Not differentiable (use it
+  under `jax.lax.stop_gradient` inputs).
+
+  Args:
+    blank_logprobs, label_logprobs: [batch, frames, labels + 1] (as `emission_logprobs`
+      returns them; cells off the lattice are masked here again).
+    logit_paddings: [batch, frames], 1.0 on padded frames.
+    label_paddings: [batch, labels], 1.0 on padded labels.
+  Returns:
+    emit_frames [batch, labels] int32: frame index t of label u's emission, nondecreasing in
+    u; -1 on padded labels and for every label of an example with no alignment (no frames).
+  """
+  blank, label, t_len, u_len = _masked_lattice(blank_logprobs, label_logprobs, logit_paddings, label_paddings)
+  batch, frames, u1 = blank.shape
+  if frames == 0:
+    return jnp.full((batch, u1 - 1), -1, jnp.int32)
+
+  def step(best_n, xs):
+    blank_n, label_n = xs
+    from_blank = best_n + blank_n
+    pad = jnp.full((batch, 1), _NEG_INF, best_n.dtype)
+    from_label = jnp.concatenate([pad, (best_n + label_n)[:, :-1]], axis=1)
+    by_label = from_label > from_blank
+    return jnp.where(by_label, from_label, from_blank), by_label
+
+  best0 = jnp.full((batch, u1), _NEG_INF, blank.dtype).at[:, 0].set(0.0)
+  _, by_label_next = jax.lax.scan(step, best0, (_skew(blank), _skew(label)))
+  # by_label_next[n] is the choice on diagonal n + 1; diagonal 0 is the start.
+  by_label_d = jnp.concatenate([jnp.zeros((1, batch, u1), bool), by_label_next[:-1]], axis=0)
+  by_label = _unskew(by_label_d, frames)  # [batch, frames, u1]
+  batch_idx = jnp.arange(batch)
+
+  def back(carry, _):
+    t, u, emit = carry
+    active = (t + u) > 0
+    label_move = active & (u > 0) & by_label[batch_idx, jnp.maximum(t, 0), u]
+    emit = emit.at[batch_idx, jnp.maximum(u - 1, 0)].set(
+        jnp.where(label_move, t, emit[batch_idx, jnp.maximum(u - 1, 0)]))
+    u = jnp.where(label_move, u - 1, u)
+    t = jnp.where(active & ~label_move, t - 1, t)
+    return (t, u, emit), None
+
+  start = (jnp.maximum(t_len - 1, 0), u_len, jnp.full((batch, u1), -1, jnp.int32))
+  (_, _, emit), _ = jax.lax.scan(back, start, None, length=frames + u1 - 2)
+  feasible = (t_len > 0)[:, None] & (jnp.arange(u1 - 1)[None, :] < u_len[:, None])
+  return jnp.where(feasible, emit[:, :u1 - 1], -1)

@@ -285,8 +285,10 @@ class ConformerEncoder(nnx.Module):
       x = module_i(x, paddings, context)
   with x [batch, frames', model_dim] and paddings [batch, frames'] at the subsampled rate; the
   module returns the new x (it owns its residual connection) and `context` is passed through
-  untouched (any pytree). When `context` is None the hooks are skipped entirely and the output
-  is the plain encoder's.
+  untouched (any pytree). `context` may instead be a callable `context(x, paddings) -> pytree`,
+  called once with the stream just before the first context module runs (a biaser that picks its
+  phrases from the audio encoded so far: models/nam.py); every module then gets its result.
+  When `context` is None the hooks are skipped entirely and the output is the plain encoder's.
   """
 
   def __init__(self, input_dim: int = gin.REQUIRED, model_dim: int = gin.REQUIRED, num_layers: int = gin.REQUIRED,
@@ -334,6 +336,8 @@ class ConformerEncoder(nnx.Module):
     for index, block in enumerate(self.blocks):
       x = block(x, paddings, deterministic=deterministic, rngs=rngs)
       if index in hooks:
+        if callable(context):
+          context = context(x, paddings)
         x = hooks[index](x, paddings, context)
     return zero_padded_frames(x, paddings), paddings
 

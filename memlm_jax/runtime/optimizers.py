@@ -50,8 +50,8 @@ def constant_schedule(value: float = 1e-3) -> optax.Schedule:
 @gin.configurable
 def make_optimizer(name: str = "adamw", schedule: optax.Schedule | None = None, *, weight_decay: float = 0.0,
                    no_weight_decay: Sequence[str] = ("scale$", "bias$"), clip_grad_norm: float | None = 1.0,
-                   lr_multipliers: Mapping[str, float] | None = None, b1: float = 0.9, b2: float = 0.95,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
+                   lr_multipliers: Mapping[str, float] | None = None, frozen: Sequence[str] = (), b1: float = 0.9,
+                   b2: float = 0.95, eps: float = 1e-8) -> optax.GradientTransformation:
   """Gradient clipping -> adamw / adafactor (decoupled weight decay, masked) -> per-group LR multipliers.
 
   Args:
@@ -60,6 +60,10 @@ def make_optimizer(name: str = "adamw", schedule: optax.Schedule | None = None, 
     no_weight_decay: path regexes excluded from weight decay (norm scales, biases, gates, ...).
     lr_multipliers: {path regex: factor}; matching updates are scaled by factor (first match wins
       per regex, factors of several matching regexes multiply).
+    frozen: path regexes of parameters that never change (e.g. a warm-started base model under a
+      new biaser: `['^(frontend|encoder/(subsampling|blocks)|predictor|joint)/']`): their updates
+      are exactly zero, they hold no optimizer state, and their gradients count neither in the
+      clipping norm nor in weight decay.
   """
   schedule = schedule if schedule is not None else warmup_cosine_schedule()
   decay_mask = path_mask(no_weight_decay, invert=True)
@@ -81,4 +85,15 @@ def make_optimizer(name: str = "adamw", schedule: optax.Schedule | None = None, 
   parts.append(base)
   for pattern, factor in (lr_multipliers or {}).items():
     parts.append(optax.masked(optax.scale(factor), path_mask([pattern])))
-  return optax.chain(*parts)
+  if isinstance(frozen, str):
+    raise ValueError(f"make_optimizer.frozen must be a list of path regexes, got the string {frozen!r}.")
+  for pattern in frozen:
+    try:
+      re.compile(pattern)
+    except re.error as error:
+      raise ValueError(f"make_optimizer.frozen: {pattern!r} is not a regular expression ({error}).") from None
+  if not frozen:
+    return optax.chain(*parts)
+  frozen_mask = path_mask(frozen)
+  labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "trained", frozen_mask(params))
+  return optax.multi_transform({"trained": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)

@@ -2,7 +2,8 @@
 
 The model contract: `model.loss(batch, deterministic=..., rngs=...)` returns float32
 sums `loss_sum`, `weight_sum` and, for models with a token accuracy, `correct_sum`
-(a transducer has none; `accuracy` is then not reported). Losses are normalised by the total
+(a transducer has none; `accuracy` is then not reported); any other `<name>_sum` (the terms of a
+composite loss, e.g. a biased transducer's `rnnt_loss_sum`) is reported as `<name>`, per weight. Losses are normalised by the total
 weight of the whole global batch (all microbatches), so gradient accumulation and
 any mesh give the same update as one big batch on one device. Shardings, the mesh and host
 batches belong to the Partitioner (runtime/partitioning.py).
@@ -110,6 +111,8 @@ class Trainer:
     }
     if "correct_sum" in sums:
       metrics["accuracy"] = sums["correct_sum"] / weight
+    for key in sums.keys() - {"loss_sum", "weight_sum", "correct_sum"}:  # a model's loss terms, e.g. rnnt_loss_sum
+      metrics[key.removesuffix("_sum")] = sums[key] / weight
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -99,6 +99,25 @@ class PhraseTable:
     return self.chain_tokens.shape[-1]
 
 
+def select_phrases(table: PhraseTable, indices: jax.Array) -> PhraseTable:
+  """The rows `indices` of a batched table: PhraseTable [batch, K, ...] from [batch, phrases, ...] and
+  indices [batch, K] int (e.g. the phrases a NAM filter kept). An index outside [0, phrases) gives an
+  empty slot (length 0)."""
+  if not table.batched or indices.ndim != 2 or indices.shape[0] != table.lengths.shape[0]:
+    raise ValueError(f"select_phrases needs a batched table and indices [batch, K]; got lengths "
+                     f"{table.lengths.shape} and indices {indices.shape}.")
+  inside = (indices >= 0) & (indices < table.lengths.shape[1])
+  safe = jnp.where(inside, indices, 0)
+
+  def take(x, empty):  # an outside index reads as an empty slot (as phrase_table_from_padded pads)
+    rows = jnp.take_along_axis(x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1)
+    return jnp.where(inside.reshape(inside.shape + (1,) * (x.ndim - 2)), rows, empty)
+
+  return dataclasses.replace(table, tokens=take(table.tokens, -1), lengths=take(table.lengths, 0),
+                             weights=take(table.weights, 1.0), chain_tokens=take(table.chain_tokens, -1),
+                             chain_lengths=take(table.chain_lengths, 0))
+
+
 def failure_function(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """KMP failure links of padded phrases, vectorized over phrases (NumPy, build time).
 

@@ -11,7 +11,9 @@ lists) and the same name .jsonl (id, reference, hypothesis per utterance); K = 1
 beam_method picks the beam search (memlm_jax/decoding/transducer_beam.py): 'tsd' (default,
 <method> = '') or 'one_pass' (<method> = '_onepass').
 
-Biasing: `asr_eval.biasing = @KmpBiasing()` (launch/biasing.py; off when None or delta 0). The
+Biasing: `asr_eval.biasing = @KmpBiasing()` (launch/biasing.py; off when None or delta 0), or
+`@NamBiasing()` for a model with a Deferred-NAM biaser: its encoder reads each utterance's list
+(and NamBiasing.kmp adds KMP boosting of that list or of the K phrases NAM selected). The
 beam search (beam 1 included, then not greedy) gets KMP phrase boosting from each batch's
 phrase arrays (bias_tokens [batch, phrases, phrase_len], data/speech_features.py; shape fixed by
 speech_dataset.max_phrases / max_phrase_length). With bias_lists 'anti' each utterance instead
@@ -43,7 +45,9 @@ from flax import nnx
 from memlm_jax.data import pipeline, speech_features
 from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam_search, greedy_decode
 from memlm_jax.evaluation import bias_lists, wer
-from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing
+from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing, NamBiasing
+
+Biasing = KmpBiasing | NamBiasing
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
 from memlm_jax.runtime import files, multihost, partitioning
 from memlm_jax.runtime.partitioning import Partitioner
@@ -68,30 +72,44 @@ def _method_name(method: str) -> str:
 
 
 def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_frame: int, max_output_length: int,
-                 method: str = "tsd", biasing: KmpBiasing | None = None) -> Decoder:
+                 method: str = "tsd", biasing: Biasing | None = None) -> Decoder:
   """The jitted decoder of a transducer: decode(params, audio [batch, samples], audio_paddings
-  [batch, samples], table=None, delta=None) -> (tokens [batch, max_output_length], lengths [batch]).
+  [batch, samples], table=None, delta=None, bias_tokens=None, bias_paddings=None) -> (tokens [batch,
+  max_output_length], lengths [batch]).
 
-  Without biasing: greedy decoding when beam_size is 1, else `beam_search` with `method` ('tsd'
-  or 'one_pass'). With biasing: the beam search (beam 1 included) fused with
-  biasing.fusion(table, delta), where table is a batched PhraseTable (row u biases utterance u)
-  and delta a traced scalar, so every bonus (0 included: exactly the unbiased beam search) and
-  every phrase list of the same shape reuse one compilation. Only biasing's mode and top_k
-  (its `decoder_key`) are built in.
+  Without KMP boosting: greedy decoding when beam_size is 1, else `beam_search` with `method`
+  ('tsd' or 'one_pass'). With KMP boosting (a KmpBiasing, or a NamBiasing with kmp): the beam
+  search (beam 1 included) fused with the boosting of `table`, a batched PhraseTable (row u biases
+  utterance u), at bonus `delta`, a traced scalar, so every bonus (0 included: exactly the unbiased
+  beam search) and every phrase list of the same shape reuse one compilation. With NamBiasing the
+  encoder reads bias_tokens / bias_paddings [batch, phrases, phrase_len] through the model's
+  biaser (and KMP may boost only the K phrases it selected). Only biasing's `decoder_key` is built in.
   """
   check_search(beam_size, method)
   search = dict(max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length)
+  kmp = None if biasing is None or not biasing.delta else biasing
 
   @jax.jit
-  def decode(params, audio, audio_paddings, table=None, delta=None):
+  def decode(params, audio, audio_paddings, table=None, delta=None, bias_tokens=None, bias_paddings=None):
     net = nnx.merge(graphdef, params)
-    encoder_out, encoder_paddings = net.encode(audio, audio_paddings)
+    selected = None
+    if biasing is not None and biasing.uses_context:
+      if getattr(net, "biaser", None) is None:
+        raise ValueError("asr_eval.biasing = @NamBiasing() needs a model with a biaser (Transducer.biaser = "
+                         "@NamBiaser); this one has none.")
+      encoder_out, encoder_paddings = net.encode(audio, audio_paddings, bias_tokens=bias_tokens,
+                                                 bias_paddings=bias_paddings)
+      selected = net.biaser.selected_phrases.get_value()[0]
+    else:
+      encoder_out, encoder_paddings = net.encode(audio, audio_paddings)
     fns = TransducerFns.from_model(net)
-    if biasing is None and beam_size == 1:
+    if kmp is None and beam_size == 1:
       return greedy_decode(fns, encoder_out, encoder_paddings, **search)
-    fusion = None if biasing is None else biasing.fusion(table, delta)
+    fusion = None
+    if kmp is not None:
+      fusion = kmp.fusion(table, delta, selected) if kmp.uses_context else kmp.fusion(table, delta)
     best = beam_search(fns, encoder_out, encoder_paddings, beam_size=beam_size, fusion=fusion,
-                       fusion_top_k=None if biasing is None else biasing.top_k, method=method, **search)
+                       fusion_top_k=None if kmp is None else kmp.top_k, method=method, **search)
     return best.tokens[:, 0], best.lengths[:, 0]
 
   return decode
@@ -142,7 +160,7 @@ class _SplitDecoder:
     self._decoders: dict[Any, Decoder] = {}
     self._anti: dict[int, tuple[dict[str, list[str]], dict[str, list[int]]]] = {}
 
-  def _decoder(self, biasing: KmpBiasing | None) -> Decoder:
+  def _decoder(self, biasing: Biasing | None) -> Decoder:
     key = None if biasing is None else biasing.decoder_key
     if key not in self._decoders:
       self._decoders[key] = make_decoder(self.restored.graphdef, biasing=biasing, **self.search)
@@ -172,7 +190,7 @@ class _SplitDecoder:
     arrays = self.restored.partitioner.global_batch({str(i): leaf for i, leaf in enumerate(leaves)})
     return jax.tree.unflatten(treedef, [arrays[str(i)] for i in range(len(leaves))])
 
-  def _decode_batch(self, batch: dict[str, np.ndarray], rows: list[dict], biasing: KmpBiasing | None
+  def _decode_batch(self, batch: dict[str, np.ndarray], rows: list[dict], biasing: Biasing | None
                     ) -> tuple[jax.Array, jax.Array]:
     """Decodes a host batch with each row's phrases: its own list, or (anti) its distractor list,
     which is also stored in the row as "biasing_phrases"."""
@@ -180,8 +198,9 @@ class _SplitDecoder:
     decode = self._decoder(biasing)
     if biasing is None:
       return decode(self.restored.params, audio["audio"], audio["audio_paddings"])
+    name = biasing.name[1:]
     if "bias" not in batch:
-      raise ValueError(f"asr_eval.biasing ({biasing.name[1:]}) needs per-utterance 'bias' lists; task "
+      raise ValueError(f"asr_eval.biasing ({name}) needs per-utterance 'bias' lists; task "
                        f"{self.task_name!r} has none.")
     tokens, paddings, phrase_tokens = batch["bias_tokens"], batch["bias_paddings"], _phrase_tokens(batch)
     used = set(phrase_tokens)
@@ -194,10 +213,15 @@ class _SplitDecoder:
                                                   *tokens.shape[1:], utterance_ids=[str(row["id"]) for row in rows])
     for phrase in sorted(used):
       bias_lists.check_spelling(phrase, phrase_tokens[phrase], self.vocabulary)
-    table = self._global(biasing.phrase_table(tokens, paddings, self.vocabulary.vocab_size))
-    return decode(self.restored.params, audio["audio"], audio["audio_paddings"], table, np.float32(biasing.delta))
+    inputs = {}
+    if biasing.uses_context:
+      inputs.update(self._global({"bias_tokens": tokens, "bias_paddings": paddings}))
+    if biasing.delta:
+      inputs["table"] = self._global(biasing.phrase_table(tokens, paddings, self.vocabulary.vocab_size))
+      inputs["delta"] = np.float32(biasing.delta)
+    return decode(self.restored.params, audio["audio"], audio["audio_paddings"], **inputs)
 
-  def rows(self, biasing: KmpBiasing | None) -> list[dict]:
+  def rows(self, biasing: Biasing | None) -> list[dict]:
     """{id, reference, bias, hypothesis[, biasing_phrases]} of every utterance of the split."""
     rows = []
     partitioner = self.restored.partitioner
@@ -238,7 +262,7 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
              vocabulary: seqio.Vocabulary = gin.REQUIRED, split: str = "test", batch_size: int = 8,
              max_audio_samples: int = gin.REQUIRED, max_target_length: int = gin.REQUIRED,
              max_output_length: int | None = None, beam_size: int = 1, max_symbols_per_frame: int = 32,
-             beam_method: str = "tsd", biasing: KmpBiasing | Sequence[KmpBiasing | None] | None = None,
+             beam_method: str = "tsd", biasing: Biasing | Sequence[Biasing | None] | None = None,
              checkpoint_step: int | None = None, partitioner: Callable[[], Partitioner] = Partitioner) -> dict:
   """Decodes `split` of `task_name` and returns (and writes) the WER summary.
 
@@ -249,7 +273,8 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     batch_size: utterances per decode step over all hosts (each host decodes batch_size / hosts of
       its own shard of the split; the rows of every host are gathered before scoring).
     beam_size, max_symbols_per_frame, beam_method: the search (module docstring).
-    biasing: a KmpBiasing (None = off), or a list of settings decoded in turn (module docstring).
+    biasing: a KmpBiasing or NamBiasing (None = off), or a list of settings decoded in turn (module
+      docstring).
   """
   check_search(beam_size, beam_method)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -1,4 +1,6 @@
-"""Contextual biasing of the ASR eval as gin-configured objects: `asr_eval.biasing = @KmpBiasing()`.
+"""Contextual biasing of the ASR eval as gin-configured objects: `asr_eval.biasing = @KmpBiasing()`
+(phrase boosting in the beam search) or `@NamBiasing()` (the model's Deferred-NAM biaser reads each
+utterance's list; optionally with KMP boosting of the same list or of the K phrases NAM selected).
 
 A biasing object is checked once, when it is built; it names its result files, records its
 settings in the result JSON, and turns a batch's phrase arrays (bias_tokens [batch, phrases,
@@ -18,7 +20,7 @@ from typing import Any, Sequence
 import gin
 import numpy as np
 
-from memlm_jax.decoding.kmp import PhraseTable, kmp_fusion, phrase_table_from_padded
+from memlm_jax.decoding.kmp import PhraseTable, kmp_fusion, phrase_table_from_padded, select_phrases
 from memlm_jax.decoding.transducer_beam import ScoreFusion
 
 BIASING_MODES = ("shallow", "rescore")
@@ -63,9 +65,16 @@ class KmpBiasing:
     if self.chain_width is not None and self.chain_width < 1:
       raise ValueError(f"KmpBiasing.chain_width must be >= 1 (or None), got {self.chain_width}.")
 
+  # A KMP setting boosts in the search only; the encoder reads no phrases.
+  uses_context = False
+
   @property
   def enabled(self) -> bool:
     return self.delta > 0
+
+  @property
+  def kmp(self) -> KmpBiasing:
+    return self
 
   @property
   def name(self) -> str:
@@ -104,6 +113,78 @@ class KmpBiasing:
   def fusion(self, table: PhraseTable, delta: Any) -> ScoreFusion:
     """The beam search's ScoreFusion (called inside the jitted decoder; delta may be traced)."""
     return kmp_fusion(table, delta, self.mode)
+
+
+NAM_KMP_PHRASES = ("all", "nam_top_k")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class NamBiasing:
+  """Deferred-NAM biasing of one eval run (the model needs a biaser: Transducer.biaser, models/nam.py).
+
+  bias_lists: 'utterance' (each utterance's own list) or 'anti' (a distractor list of the same size,
+    as for KmpBiasing).
+  kmp: None, or a KmpBiasing whose boosting is added in the beam search (its own bias_lists and
+    anti_seed are ignored: it boosts the list NAM reads).
+  kmp_phrases: 'all' (KMP boosts the whole list) or 'nam_top_k' (only the K phrases NAM's filter
+    selected for the utterance, so KMP's per-step cost no longer grows with the list).
+  anti_seed: seed of the anti-biasing draw.
+  The biasing strength s is the model's (BiasingAttention.strength, gin).
+  """
+  bias_lists: str = "utterance"
+  kmp: KmpBiasing | None = None
+  kmp_phrases: str = "all"
+  anti_seed: int = 0
+
+  uses_context = True
+  enabled = True
+
+  def __post_init__(self):
+    if self.bias_lists not in BIAS_LISTS:
+      raise ValueError(f"NamBiasing.bias_lists must be one of {BIAS_LISTS}, got {self.bias_lists!r}.")
+    if self.kmp_phrases not in NAM_KMP_PHRASES:
+      raise ValueError(f"NamBiasing.kmp_phrases must be one of {NAM_KMP_PHRASES}, got {self.kmp_phrases!r}.")
+    if self.kmp is not None and not isinstance(self.kmp, KmpBiasing):
+      raise ValueError(f"NamBiasing.kmp must be a KmpBiasing or None, got {self.kmp!r}.")
+    if self.kmp_phrases != "all" and self.kmp is None:
+      raise ValueError(f"NamBiasing.kmp_phrases={self.kmp_phrases!r} needs NamBiasing.kmp (a KmpBiasing).")
+
+  @property
+  def _kmp(self) -> KmpBiasing | None:
+    return self.kmp if self.kmp is not None and self.kmp.enabled else None
+
+  @property
+  def delta(self) -> float:
+    return 0.0 if self._kmp is None else self._kmp.delta
+
+  @property
+  def top_k(self) -> int | None:
+    return None if self._kmp is None else self._kmp.top_k
+
+  @property
+  def name(self) -> str:
+    """File-name part, e.g. '_nam', '_nam_anti', '_nam_kmp0.5shallow', '_nam_kmp0.5shallow_namtopk'."""
+    kmp = "" if self._kmp is None else self._kmp.name + ("_namtopk" if self.kmp_phrases == "nam_top_k" else "")
+    return "_nam" + ("_anti" if self.bias_lists == "anti" else "") + kmp
+
+  @property
+  def decoder_key(self) -> tuple:
+    return ("nam", None if self._kmp is None else (self._kmp.decoder_key, self.kmp_phrases))
+
+  def summary(self) -> dict[str, Any]:
+    kmp = dict(NO_BIASING) if self._kmp is None else self._kmp.summary()
+    return {**kmp, "bias_lists": self.bias_lists, "nam": True,
+            "nam_kmp_phrases": None if self._kmp is None else self.kmp_phrases}
+
+  def phrase_table(self, bias_tokens: np.ndarray, bias_paddings: np.ndarray, vocab_size: int) -> PhraseTable:
+    return self.kmp.phrase_table(bias_tokens, bias_paddings, vocab_size)
+
+  def fusion(self, table: PhraseTable, delta: Any, selected: Any = None) -> ScoreFusion:
+    """KMP fusion over the whole table, or (kmp_phrases 'nam_top_k') over the rows `selected` [batch, K]."""
+    if self.kmp_phrases == "nam_top_k":
+      table = select_phrases(table, selected)
+    return self._kmp.fusion(table, delta)
 
 
 @gin.configurable

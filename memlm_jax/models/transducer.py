@@ -7,8 +7,12 @@ padded), targets [batch, U] int32 label ids (no blank, 0-padded), target_padding
 [batch, U]. `loss` returns the summed negative log-likelihood and the number of labels,
 so the trainer reports the RNN-T loss per label.
 
-The encoder may take a `context` (e.g. NAM phrase embeddings) that its context-injection
-hook consumes; `None` runs the plain encoder.
+With a `biaser` (gin: `Transducer.biaser = @NamBiaser`, models/nam.py) the encoder is biased by
+each utterance's phrase list, the batch's bias_tokens / bias_paddings [batch, phrases,
+phrase_len]: the biaser picks and encodes phrases from the stream at the first of the encoder's
+`context_layers`, whose BiasingAttention hooks add the bias. The loss then adds the biaser's
+retrieval losses (CE-PA, CE-WPA, filter; their targets from the model's own Viterbi alignment).
+Without bias arrays (or without a biaser) the encoder is the plain one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flax import nnx
 from memlm_jax.layers.conformer import ConformerEncoder
 from memlm_jax.layers.frontend import LogMelFrontend, SpecAugment
 from memlm_jax.losses import rnnt
+from memlm_jax.models import nam
 from memlm_jax.models.transducer_parts import JointNetwork, LstmPredictor
 
 
@@ -37,7 +42,8 @@ class Transducer(nnx.Module):
                encoder: Callable[..., nnx.Module] = ConformerEncoder,
                predictor: Callable[..., nnx.Module] = LstmPredictor,
                joint: Callable[..., nnx.Module] = JointNetwork,
-               loss_frame_chunk: int | None = None, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               biaser: Callable[..., nnx.Module] | None = None, loss_frame_chunk: int | None = None,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if vocab_size < 2:
       raise ValueError(f"Transducer.vocab_size must be >= 2 (blank + at least one label), got {vocab_size}.")
     if loss_frame_chunk is not None and loss_frame_chunk <= 0:
@@ -50,21 +56,50 @@ class Transducer(nnx.Module):
     self.predictor = predictor(vocab_size, dtype=dtype, rngs=rngs)
     self.joint = joint(self.encoder.model_dim, self.predictor.output_dim, vocab_size, dtype=dtype, rngs=rngs)
     self.loss_frame_chunk = loss_frame_chunk
+    if biaser is not None and not getattr(self.encoder, "context_layers", ()):
+      raise ValueError("Transducer.biaser needs an encoder with biasing blocks: set ConformerEncoder.context_layers "
+                       "(e.g. (2,)) and ConformerEncoder.context_module_factory = @BiasingAttention.")
+    self.biaser = biaser(vocab_size, self.encoder.model_dim, dtype=dtype, rngs=rngs) if biaser is not None else None
 
-  def encode(self, audio: jax.Array, audio_paddings: jax.Array, *, context: Any = None,
-             deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+  def encode(self, audio: jax.Array, audio_paddings: jax.Array, *, bias_tokens: jax.Array | None = None,
+             bias_paddings: jax.Array | None = None, context: Any = None, deterministic: bool = True,
+             rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
     """audio [batch, samples] (or features [batch, frames, bins]), audio_paddings [batch, samples | frames]
-    -> (encoder_out [batch, frames', dim], encoder_paddings [batch, frames'])."""
+    -> (encoder_out [batch, frames', dim], encoder_paddings [batch, frames']).
+
+    bias_tokens / bias_paddings [batch, phrases, phrase_len] bias the encoder through the biaser
+    (which then sows its selection, `selected_phrases`); a raw `context` goes to the encoder's hooks."""
+    if bias_tokens is not None:
+      if self.biaser is None:
+        raise ValueError("Transducer.encode got bias_tokens but the model has no biaser (Transducer.biaser).")
+      if context is not None:
+        raise ValueError("Transducer.encode takes bias_tokens or a context, not both.")
+      context = self._biasing_context(bias_tokens, bias_paddings)
     features, paddings = self.frontend(audio, audio_paddings)
     if self.spec_augment is not None and not deterministic:
       features = self.spec_augment(features, paddings, deterministic=False, rngs=rngs)
     return self.encoder(features, paddings, context=context, deterministic=deterministic, rngs=rngs)
 
+  def _biasing_context(self, bias_tokens: jax.Array, bias_paddings: jax.Array | None) -> Callable:
+    if bias_paddings is None or bias_paddings.shape != bias_tokens.shape:
+      raise ValueError(f"Transducer.encode needs bias_paddings shaped like bias_tokens {bias_tokens.shape}, got "
+                       f"{None if bias_paddings is None else bias_paddings.shape}.")
+
+    def context(x, paddings):
+      biasing = self.biaser(x, paddings, bias_tokens, bias_paddings)
+      self.biaser.sow(nnx.Intermediate, "selected_phrases", biasing.selected)
+      return biasing
+
+    return context
+
   def per_example_nll(self, batch: Mapping[str, jax.Array], *, context: Any = None, deterministic: bool = True,
                       rngs: nnx.Rngs | None = None) -> jax.Array:
-    """-log p(targets | audio) per example, [batch] float32."""
+    """-log p(targets | audio) per example, [batch] float32 (unbiased unless a context is given)."""
     encoder_out, encoder_paddings = self.encode(batch["audio"], batch["audio_paddings"], context=context,
                                                 deterministic=deterministic, rngs=rngs)
+    return self._nll(encoder_out, encoder_paddings, batch)
+
+  def _nll(self, encoder_out: jax.Array, encoder_paddings: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
     predictor_out = self.predictor(batch["targets"])
     labels, label_paddings = batch["targets"], batch["target_paddings"]
     if self.loss_frame_chunk is None:
@@ -80,9 +115,67 @@ class Transducer(nnx.Module):
 
   def loss(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True,
            rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-    """Summed RNN-T loss and label count over the batch (rows with no audio contribute nothing)."""
-    nll = self.per_example_nll(batch, deterministic=deterministic, rngs=rngs)
-    return {"loss_sum": jnp.sum(nll), "weight_sum": jnp.sum(1.0 - batch["target_paddings"].astype(jnp.float32))}
+    """Summed RNN-T loss and label count over the batch (rows with no audio contribute nothing).
+
+    With a biaser the encoder is biased by the batch's phrase lists and loss_sum adds
+    weight_sum x (the biaser's weighted mean CE-PA, CE-WPA and filter losses), each also
+    reported on its own (`rnnt_loss_sum`, `phrase_attention_loss_sum`, ...)."""
+    weight_sum = jnp.sum(1.0 - batch["target_paddings"].astype(jnp.float32))
+    if self.biaser is None:
+      nll = self.per_example_nll(batch, deterministic=deterministic, rngs=rngs)
+      return {"loss_sum": jnp.sum(nll), "weight_sum": weight_sum}
+    encoder_out, encoder_paddings = self.encode(batch["audio"], batch["audio_paddings"],
+                                                bias_tokens=batch["bias_tokens"], bias_paddings=batch["bias_paddings"],
+                                                deterministic=deterministic, rngs=rngs)
+    intermediates = self._pop_biasing_intermediates()
+    rnnt_sum = jnp.sum(self._nll(encoder_out, encoder_paddings, batch))
+    sums = {"weight_sum": weight_sum, "rnnt_loss_sum": rnnt_sum}
+    weights = {"phrase_attention": self.biaser.phrase_attention_weight,
+               "wordpiece_attention": self.biaser.wordpiece_attention_weight, "filter": self.biaser.filter_weight}
+    total = rnnt_sum
+    if any(weights.values()):
+      emit_frames = self.forced_alignment(encoder_out, encoder_paddings, batch["targets"], batch["target_paddings"])
+      utterance_valid = jnp.min(batch["audio_paddings"], axis=1) < 1.0
+      losses = nam.biasing_losses(intermediates, intermediates["selected_phrases"], batch, emit_frames,
+                                  encoder_paddings, utterance_valid)
+      for name, weight in weights.items():
+        sums[f"{name}_loss_sum"] = losses[name] * weight_sum
+        total = total + weight * losses[name] * weight_sum
+    sums["loss_sum"] = total
+    return sums
+
+  def _pop_biasing_intermediates(self) -> dict[str, Any]:
+    """What the biaser and its hooks sowed in the last encode (and removes it from the model)."""
+    hooks = list(self.encoder.context_modules)
+    found = {"filter_logits": self.biaser.sown_filter_logits.get_value()[0],
+             "selected_phrases": self.biaser.selected_phrases.get_value()[0],
+             "phrase_log_attention": [hook.phrase_log_attention.get_value()[0] for hook in hooks],
+             "wordpiece_log_attention": [hook.wordpiece_log_attention.get_value()[0] for hook in hooks]}
+    nnx.pop(self, nnx.Intermediate)
+    return found
+
+  def forced_alignment(self, encoder_out: jax.Array, encoder_paddings: jax.Array, labels: jax.Array,
+                       label_paddings: jax.Array) -> jax.Array:
+    """The frame of each label's emission on the model's most likely alignment, emit_frames [batch,
+    labels] int32 (-1 on padded labels), computed without gradient, loss_frame_chunk frames of joint
+    logits at a time."""
+    encoder_out = jax.lax.stop_gradient(encoder_out)
+    predictor_out = jax.lax.stop_gradient(self.predictor(labels))
+    batch, frames, dim = encoder_out.shape
+    chunk = min(self.loss_frame_chunk or frames, frames)
+    n_chunks = -(-frames // chunk)
+    padded = jnp.pad(encoder_out, ((0, 0), (0, n_chunks * chunk - frames), (0, 0)))
+    chunks = jnp.swapaxes(padded.reshape(batch, n_chunks, chunk, dim), 0, 1)
+    labels_ext = jnp.pad(labels.astype(jnp.int32), ((0, 0), (0, 1)))
+
+    def emissions(encoder_chunk):
+      log_p = jax.nn.log_softmax(self.joint(encoder_chunk[:, :, None], predictor_out[:, None]).astype(jnp.float32))
+      label = jnp.take_along_axis(log_p, jnp.broadcast_to(labels_ext[:, None, :, None], log_p.shape[:-1] + (1,)), -1)
+      return log_p[..., rnnt.BLANK_ID], label[..., 0]
+
+    blank, label = jax.lax.map(emissions, chunks)
+    unchunk = lambda x: jnp.swapaxes(x, 0, 1).reshape(batch, n_chunks * chunk, -1)[:, :frames]
+    return rnnt.viterbi_alignment(unchunk(blank), unchunk(label), encoder_paddings, label_paddings)
 
   # The step functions decoding takes (decoding/transducer_beam.py: TransducerFns.from_model).
 

@@ -1,0 +1,406 @@
+"""Deferred NAM: contextual biasing of the transducer's audio encoder by a list of phrases.
+
+NAM (Chang et al. 2021, arXiv 2110.02220) biases the encoder stream by cross-attention into
+encoded phrases, x <- x + s * Delta (s = 0: the unbiased model); Dual-mode NAM keeps only the
+top-K phrases; Deferred NAM (Wu et al. 2024, arXiv 2404.10180) picks those K with a cheap
+filter *before* the context encoder, so only K phrases are ever encoded. Three stages:
+
+  filter   the audio encoded so far (the stream at the first biasing block) -> frame queries
+           [filter_dim]; a phrase's score is the max over valid frames of query . key /
+           sqrt(filter_dim); `lax.top_k` keeps K (static). A padded phrase scores -1e30 and is
+           never selected as a valid one. The phrase keys:
+             deferred=True  (Deferred NAM) the wordpiece embeddings -> masked mean -> small MLP
+                            (a Deep Averaging Network, DAN), before any context encoding;
+             deferred=False (the Dual-mode NAM baseline) a projection of the phrase embedding the
+                            context encoder gives, so every phrase is encoded first.
+  encoder  a few pre-norm Transformer layers over each selected phrase's wordpieces (bidirectional,
+           RoPE, key padding); the phrase embedding is the masked mean of its encoded wordpieces.
+           Both settings have the same parameters, and with K >= phrases (everything selected)
+           the same output.
+  biasing  `BiasingAttention`, the Conformer's context hook in gin-chosen blocks: phrase-level
+           attention over the K phrases plus a learned no-bias entry, wordpiece-level attention
+           inside each phrase, Delta = sum_k p_k sum_l w_kl V(wordpiece_kl), projected to the
+           model width and added as x + s * Delta.
+
+Supervision of retrieval (the paper's two added losses, with our target construction):
+  CE-PA    per frame, cross entropy of the phrase attention against the phrase being spoken
+           there, or the no-bias entry;
+  CE-WPA   per frame inside a spoken phrase, cross entropy of that phrase's wordpiece
+           attention against the wordpiece being spoken;
+  filter   top-K passes no gradient, so the DAN filter gets its own cross entropy: its scores
+           (softmax over the list plus a no-bias score) against the spoken phrases (each an
+           equal share), or no-bias when none is spoken.
+"Being spoken at frame t" comes from the model's own RNN-T Viterbi forced alignment
+(losses/rnnt.viterbi_alignment, under stop_gradient): label u is emitted at frame e_u, and
+frame t belongs to the first label with e_u >= t (frames up to and including a label's
+emission carry that label's sound; a transducer emits a label after hearing it). A label
+belongs to an occurrence of a selected phrase in the reference (the longest one covering it,
+then the lowest index). Frames after the last emission belong to no label: no-bias.
+
+Arrays: bias_tokens [batch, phrases, phrase_len] int32 (0 = padding), bias_paddings [batch,
+phrases, phrase_len] float32 (1.0 = padded; a phrase's tokens form a prefix; an all-padded row
+is no phrase), the encoder stream x [batch, frames, model_dim] with paddings [batch, frames].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from memlm_jax.layers.checks import check_positive_sizes
+from memlm_jax.layers.conformer import FeedForward, SelfAttention, dense, layer_norm
+
+# Score of a phrase that cannot be selected (padding); finite, so softmaxes stay NaN-free.
+_NEG = -1e30
+
+
+@struct.dataclass
+class NamContext:
+  """The selected phrases, encoded; entry K (the last) is the no-bias entry.
+
+  wordpieces: [batch, K + 1, phrase_len, context_dim] encoded wordpieces.
+  wordpiece_valid: [batch, K + 1, phrase_len] bool.
+  phrases: [batch, K + 1, context_dim] phrase embeddings.
+  phrase_valid: [batch, K + 1] bool; a selected slot holding no phrase is False, no-bias True.
+  selected: [batch, K] int32 index into the list of each selected phrase (score order).
+  """
+  wordpieces: jax.Array
+  wordpiece_valid: jax.Array
+  phrases: jax.Array
+  phrase_valid: jax.Array
+  selected: jax.Array
+
+
+def _masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """x [..., n, d], valid [..., n] bool -> [..., d] mean over the valid entries (0 when none)."""
+  weights = valid.astype(x.dtype)[..., None]
+  return jnp.sum(x * weights, axis=-2) / jnp.maximum(jnp.sum(weights, axis=-2), 1.0)
+
+
+def _check_bias_arrays(bias_tokens: jax.Array, bias_paddings: jax.Array, batch: int) -> None:
+  if bias_tokens.ndim != 3 or bias_paddings.shape != bias_tokens.shape or bias_tokens.shape[0] != batch:
+    raise ValueError(f"NAM biasing expects bias_tokens and bias_paddings [batch={batch}, phrases, phrase_len], "
+                     f"got {bias_tokens.shape} and {bias_paddings.shape}.")
+
+
+class PhraseEncoderLayer(nnx.Module):
+  """Pre-norm bidirectional self-attention + feed-forward over one phrase's wordpieces."""
+
+  def __init__(self, dim: int, num_heads: int, ff_mult: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.attention = SelfAttention(dim, num_heads, dropout_rate=0.0, dtype=dtype, rngs=rngs)
+    self.feed_forward = FeedForward(dim, ff_mult, dropout_rate=0.0, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, paddings: jax.Array) -> jax.Array:
+    """x [phrases, phrase_len, dim], paddings [phrases, phrase_len] -> [phrases, phrase_len, dim]."""
+    x = x + self.attention(x, paddings, deterministic=True, rngs=None)
+    return x + self.feed_forward(x, deterministic=True, rngs=None)
+
+
+@gin.configurable
+class NamBiaser(nnx.Module):
+  """The filter and the context encoder (module docstring); `BiasingAttention` applies the result.
+
+  Called as the encoder's context (`ConformerEncoder(context=...)` with a callable): given the
+  stream at the first biasing block it returns a `NamContext`.
+
+  Args:
+    vocab_size: the transducer's vocabulary (phrase wordpieces are its label ids).
+    model_dim: width of the encoder stream it reads.
+    context_dim: width of wordpiece and phrase embeddings (BiasingAttention.context_dim must match).
+    num_layers, num_heads, ff_mult: the context encoder.
+    filter_dim: width of the DAN keys and frame queries.
+    top_k: phrases kept by the filter (static); a shorter list is padded to it.
+    deferred: select with the DAN and encode only the K selected phrases (Deferred NAM), or encode
+      all and select with keys from the encoded phrases (Dual-mode NAM).
+    phrase_attention_weight, wordpiece_attention_weight, filter_weight: the CE-PA, CE-WPA and
+      filter losses' weights (0 = off), each a mean over the frames (phrases) it covers.
+  """
+
+  def __init__(self, vocab_size: int, model_dim: int, *, context_dim: int = 96, num_layers: int = 1,
+               num_heads: int = 4, ff_mult: int = 2, filter_dim: int = 64, top_k: int = 16, deferred: bool = True,
+               phrase_attention_weight: float = 0.0, wordpiece_attention_weight: float = 0.0,
+               filter_weight: float = 1.0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    check_positive_sizes("NamBiaser", vocab_size=vocab_size, model_dim=model_dim, context_dim=context_dim,
+                         num_layers=num_layers, num_heads=num_heads, ff_mult=ff_mult, filter_dim=filter_dim,
+                         top_k=top_k)
+    for name, weight in (("phrase_attention_weight", phrase_attention_weight),
+                         ("wordpiece_attention_weight", wordpiece_attention_weight), ("filter_weight", filter_weight)):
+      if not weight >= 0:
+        raise ValueError(f"NamBiaser.{name} must be >= 0 (0 = off), got {weight}.")
+    self.context_dim = context_dim
+    self.top_k = top_k
+    self.deferred = deferred
+    self.phrase_attention_weight = float(phrase_attention_weight)
+    self.wordpiece_attention_weight = float(wordpiece_attention_weight)
+    self.filter_weight = float(filter_weight)
+    embed_init = nnx.with_partitioning(nnx.initializers.normal(stddev=1.0), ("vocab", "embed"))
+    self.embed = nnx.Embed(vocab_size, context_dim, embedding_init=embed_init, param_dtype=jnp.float32, rngs=rngs)
+    self.dan_hidden = dense(context_dim, filter_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.dan_out = dense(filter_dim, filter_dim, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.filter_query = dense(model_dim, filter_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.encoded_filter_key = dense(context_dim, filter_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    normal = nnx.initializers.normal(stddev=context_dim ** -0.5)
+    self.no_bias_key = nnx.Param(normal(rngs.params(), (filter_dim,), jnp.float32))
+    self.layers = nnx.List([PhraseEncoderLayer(context_dim, num_heads, ff_mult, dtype=dtype, rngs=rngs)
+                            for _ in range(num_layers)])
+    self.final_norm = layer_norm(context_dim, dtype=dtype, rngs=rngs)
+    self.no_bias_wordpiece = nnx.Param(normal(rngs.params(), (context_dim,), jnp.float32))
+    self.no_bias_phrase = nnx.Param(normal(rngs.params(), (context_dim,), jnp.float32))
+
+  # -- filter ----------------------------------------------------------------------------------------------------
+
+  def phrase_keys(self, bias_tokens: jax.Array, bias_valid: jax.Array) -> jax.Array:
+    """The DAN: bias_tokens [batch, phrases, len], bias_valid [..] bool -> keys [batch, phrases, filter_dim]."""
+    averaged = _masked_mean(self.embed(bias_tokens), bias_valid)
+    return self.dan_out(jax.nn.relu(self.dan_hidden(averaged)))
+
+  def filter_logits(self, x: jax.Array, paddings: jax.Array, phrase_keys: jax.Array, bias_valid: jax.Array
+                    ) -> jax.Array:
+    """Scores [batch, phrases + 1] of keys [batch, phrases, filter_dim] against the stream x [batch, frames,
+    model_dim]: each phrase's, then the no-bias score (last); padded phrases (no valid token in bias_valid
+    [batch, phrases, len]) -1e30."""
+    queries = self.filter_query(x)  # [batch, frames, filter_dim]
+    keys = jnp.concatenate([phrase_keys.astype(queries.dtype), jnp.broadcast_to(
+        self.no_bias_key[...].astype(queries.dtype), (x.shape[0], 1, self.no_bias_key.shape[0]))], 1)
+    scores = jnp.einsum("btf,bnf->btn", queries, keys, preferred_element_type=jnp.float32)
+    scores = scores * keys.shape[-1] ** -0.5
+    valid_frames = (paddings <= 0)[:, :, None]
+    scores = jnp.max(jnp.where(valid_frames, scores, _NEG), axis=1)  # [batch, phrases + 1]
+    scores = jnp.where(jnp.any(valid_frames, axis=1), scores, 0.0)  # an utterance with no frames
+    phrase_valid = jnp.concatenate([jnp.any(bias_valid, -1), jnp.ones((x.shape[0], 1), bool)], axis=1)
+    return jnp.where(phrase_valid, scores, _NEG)
+
+  # -- context encoder -------------------------------------------------------------------------------------------
+
+  def encode_phrases(self, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """tokens [batch, n, len], valid [batch, n, len] bool -> encoded wordpieces [batch, n, len, context_dim]."""
+    batch, n, length = tokens.shape
+    x = self.embed(tokens.reshape(batch * n, length))
+    paddings = 1.0 - valid.reshape(batch * n, length).astype(jnp.float32)
+    for layer in self.layers:
+      x = layer(x, paddings)
+    return self.final_norm(x).reshape(batch, n, length, -1)
+
+  def __call__(self, x: jax.Array, paddings: jax.Array, bias_tokens: jax.Array, bias_paddings: jax.Array
+               ) -> NamContext:
+    """x [batch, frames, model_dim] (the stream at the first biasing block), paddings [batch, frames],
+    bias_tokens / bias_paddings [batch, phrases, phrase_len] -> NamContext with K = top_k.
+
+    Sows `sown_filter_logits` [batch, phrases' + 1] (phrases' = max(phrases, K)) for the filter loss."""
+    _check_bias_arrays(bias_tokens, bias_paddings, x.shape[0])
+    batch, phrases, length = bias_tokens.shape
+    if phrases < self.top_k:  # fewer phrases than K: padded slots, never valid
+      extra = self.top_k - phrases
+      bias_tokens = jnp.pad(bias_tokens, ((0, 0), (0, extra), (0, 0)))
+      bias_paddings = jnp.pad(bias_paddings, ((0, 0), (0, extra), (0, 0)), constant_values=1.0)
+    bias_valid = bias_paddings <= 0
+    if self.deferred:
+      keys = self.phrase_keys(bias_tokens, bias_valid)
+    else:
+      every_wordpiece = self.encode_phrases(bias_tokens, bias_valid)
+      keys = self.encoded_filter_key(_masked_mean(every_wordpiece, bias_valid))
+    logits = self.filter_logits(x, paddings, keys, bias_valid)
+    self.sow(nnx.Intermediate, "sown_filter_logits", logits)
+    _, selected = jax.lax.top_k(logits[:, :-1], self.top_k)  # [batch, K]
+    pick = lambda a: jnp.take_along_axis(a, selected.reshape(batch, self.top_k, *(1,) * (a.ndim - 2)), axis=1)
+    tokens, valid = pick(bias_tokens), pick(bias_valid)
+    wordpieces = self.encode_phrases(tokens, valid) if self.deferred else pick(every_wordpiece)
+    no_bias_wordpieces = jnp.zeros((batch, 1, length, self.context_dim), wordpieces.dtype)
+    no_bias_wordpieces = no_bias_wordpieces.at[:, :, 0].set(self.no_bias_wordpiece[...].astype(wordpieces.dtype))
+    wordpieces = jnp.concatenate([wordpieces, no_bias_wordpieces], axis=1)
+    wordpiece_valid = jnp.concatenate([valid, (jnp.arange(length) == 0)[None, None].repeat(batch, 0)], axis=1)
+    phrase_embeddings = jnp.concatenate([
+        _masked_mean(wordpieces[:, :-1], valid),
+        jnp.broadcast_to(self.no_bias_phrase[...].astype(wordpieces.dtype), (batch, 1, self.context_dim))], axis=1)
+    phrase_valid = jnp.any(wordpiece_valid, axis=-1)
+    return NamContext(wordpieces, wordpiece_valid, phrase_embeddings, phrase_valid, selected.astype(jnp.int32))
+
+
+@gin.configurable
+class BiasingAttention(nnx.Module):
+  """The encoder's context hook (ConformerEncoder.context_module_factory): x <- x + s * Delta.
+
+  Phrase-level attention p [batch, frames, K + 1] over the selected phrases and no-bias,
+  wordpiece-level attention w [batch, frames, K + 1, phrase_len] inside each phrase, both from
+  the layer-normed stream; Delta = out(sum_k p_k sum_l w_kl V(wordpiece_kl)). The output
+  projection starts at zero, so a biaser warm-started on a trained transducer starts as it.
+  Sows `phrase_log_attention` and `wordpiece_log_attention` for the CE-PA / CE-WPA losses.
+
+  Args:
+    model_dim: the stream's width.
+    context_dim: NamBiaser.context_dim.
+    attention_dim: width of the queries, keys and values.
+    strength: s; 0 reproduces the unbiased encoder bit for bit.
+  """
+
+  def __init__(self, model_dim: int, *, context_dim: int = 96, attention_dim: int = 64, strength: float = 1.0,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    check_positive_sizes("BiasingAttention", model_dim=model_dim, context_dim=context_dim,
+                         attention_dim=attention_dim)
+    if not (isinstance(strength, (int, float)) and strength >= 0 and strength == strength):
+      raise ValueError(f"BiasingAttention.strength must be a number >= 0 (0 = no biasing), got {strength!r}.")
+    self.context_dim = context_dim
+    self.strength = float(strength)
+    self.norm = layer_norm(model_dim, dtype=dtype, rngs=rngs)
+    self.phrase_query = dense(model_dim, attention_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.phrase_key = dense(context_dim, attention_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.wordpiece_query = dense(model_dim, attention_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.wordpiece_key = dense(context_dim, attention_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.value = dense(context_dim, attention_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(attention_dim, model_dim, dtype=dtype, param_dtype=jnp.float32,
+                          kernel_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp", "embed")),
+                          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+
+  def __call__(self, x: jax.Array, paddings: jax.Array, context: NamContext) -> jax.Array:
+    """x [batch, frames, model_dim], paddings [batch, frames] -> x + s * Delta, same shape."""
+    del paddings  # per frame; the encoder zeroes padded frames at its end
+    if context.wordpieces.shape[-1] != self.context_dim:
+      raise ValueError(f"BiasingAttention.context_dim={self.context_dim} does not match the biaser's context "
+                       f"width {context.wordpieces.shape[-1]} (set NamBiaser.context_dim and "
+                       "BiasingAttention.context_dim alike).")
+    h = self.norm(x)
+    scale = self.phrase_query.out_features ** -0.5
+    phrase_logits = jnp.einsum("bta,bka->btk", self.phrase_query(h), self.phrase_key(context.phrases),
+                               preferred_element_type=jnp.float32) * scale
+    phrase_log_p = jax.nn.log_softmax(jnp.where(context.phrase_valid[:, None, :], phrase_logits, _NEG), axis=-1)
+    wordpiece_logits = jnp.einsum("bta,bkla->btkl", self.wordpiece_query(h), self.wordpiece_key(context.wordpieces),
+                                  preferred_element_type=jnp.float32) * scale
+    wordpiece_log_p = jax.nn.log_softmax(
+        jnp.where(context.wordpiece_valid[:, None], wordpiece_logits, _NEG), axis=-1)
+    self.sow(nnx.Intermediate, "phrase_log_attention", phrase_log_p)
+    self.sow(nnx.Intermediate, "wordpiece_log_attention", wordpiece_log_p)
+    # An invalid slot's wordpiece softmax is uniform over padding; its phrase weight is exactly 0.
+    weights = jnp.exp(phrase_log_p)[..., None] * jnp.exp(wordpiece_log_p)  # [batch, frames, K + 1, len]
+    values = self.value(context.wordpieces)
+    delta = self.out(jnp.einsum("btkl,bkla->bta", weights.astype(values.dtype), values))
+    if self.strength == 0.0:
+      return x
+    return x + self.strength * delta.astype(x.dtype)
+
+
+# -- retrieval targets and losses --------------------------------------------------------------------------------
+
+
+def label_phrases(targets: jax.Array, target_paddings: jax.Array, phrase_tokens: jax.Array, phrase_valid: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Which phrase occurrence in the reference covers each label.
+
+  Args:
+    targets: [batch, labels] int label ids; target_paddings [batch, labels] (1.0 = padded).
+    phrase_tokens: [batch, K, phrase_len] int; phrase_valid [batch, K, phrase_len] bool (a prefix).
+  Returns:
+    (phrase [batch, labels] int32: index k of the phrase whose occurrence in the targets covers
+     the label, -1 for none; position [batch, labels] int32: the label's wordpiece index inside
+     that phrase, -1 for none). Overlapping occurrences: the longest phrase wins, then the lowest k.
+  """
+  batch, labels = targets.shape
+  _, num_phrases, length = phrase_tokens.shape
+  lengths = jnp.sum(phrase_valid, axis=-1)  # [batch, K]
+  label_ok = target_paddings <= 0
+  # match[b, k, a]: phrase k occurs at label a.
+  offsets = jnp.arange(labels)[:, None] + jnp.arange(length)[None, :]  # [a, l]
+  inside = offsets < labels
+  window = jnp.where(inside[None], targets[:, jnp.minimum(offsets, labels - 1)], -1)  # [batch, a, l]
+  window_ok = inside[None] & label_ok[:, jnp.minimum(offsets, labels - 1)]
+  equal = (window[:, None] == phrase_tokens[:, :, None, :]) & window_ok[:, None]  # [batch, K, a, l]
+  match = jnp.all(equal | ~phrase_valid[:, :, None, :], axis=-1) & (lengths > 0)[:, :, None]  # [batch, K, a]
+  # covered[b, k, a, u]: the occurrence of k at a covers label u.
+  u = jnp.arange(labels)
+  covered = match[..., None] & (u[None, None, None, :] >= jnp.arange(labels)[None, None, :, None]) & (
+      u[None, None, None, :] < jnp.arange(labels)[None, None, :, None] + lengths[:, :, None, None])
+  priority = jnp.where(covered, lengths[:, :, None, None] * (num_phrases + 1) + (num_phrases - jnp.arange(
+      num_phrases))[None, :, None, None], 0)  # longest, then lowest k
+  best = jnp.max(priority, axis=(1, 2))  # [batch, labels]
+  flat = priority.transpose(0, 3, 1, 2).reshape(batch, labels, num_phrases * labels)
+  arg = jnp.argmax(flat, axis=-1)
+  phrase, start = arg // labels, arg % labels
+  found = best > 0
+  return (jnp.where(found, phrase, -1).astype(jnp.int32), jnp.where(found, u[None] - start, -1).astype(jnp.int32))
+
+
+def frame_targets(emit_frames: jax.Array, label_phrase: jax.Array, label_position: jax.Array, frame_paddings: jax.Array,
+                  no_bias: int) -> tuple[jax.Array, jax.Array]:
+  """Per-frame CE-PA / CE-WPA targets from a forced alignment (module docstring).
+
+  Args:
+    emit_frames: [batch, labels] int32 frame of each label's emission (-1 on padded labels),
+      nondecreasing on the valid labels (rnnt.viterbi_alignment).
+    label_phrase, label_position: [batch, labels] from `label_phrases` (-1 = no phrase).
+    frame_paddings: [batch, frames] (1.0 = padded).
+    no_bias: the index of the no-bias entry (K).
+  Returns:
+    (phrase_target [batch, frames] int32 in [0, K], no_bias where no phrase is spoken;
+     wordpiece_target [batch, frames] int32, -1 where no phrase is spoken or the frame is padded).
+  """
+  frames = frame_paddings.shape[1]
+  emitted = emit_frames >= 0
+  # The label a frame belongs to: the first valid label emitted at or after it.
+  t = jnp.arange(frames)
+  later = emitted[:, None, :] & (emit_frames[:, None, :] >= t[None, :, None])  # [batch, frames, labels]
+  has_label = jnp.any(later, axis=-1)
+  label = jnp.argmax(later, axis=-1)
+  phrase = jnp.take_along_axis(label_phrase, label, axis=1)
+  position = jnp.take_along_axis(label_position, label, axis=1)
+  spoken = has_label & (phrase >= 0) & (frame_paddings <= 0)
+  return (jnp.where(spoken, phrase, no_bias).astype(jnp.int32), jnp.where(spoken, position, -1).astype(jnp.int32))
+
+
+def filter_targets(bias_tokens: jax.Array, bias_paddings: jax.Array, targets: jax.Array, target_paddings: jax.Array
+                   ) -> jax.Array:
+  """The filter loss's target distribution [batch, phrases + 1]: an equal share for each phrase of the list
+  that occurs in the reference, or all mass on no-bias (last) when none does."""
+  phrases = bias_tokens.shape[1]
+  label_phrase, _ = label_phrases(targets, target_paddings, bias_tokens, bias_paddings <= 0)
+  spoken = jnp.any(label_phrase[:, :, None] == jnp.arange(phrases)[None, None, :], axis=1)  # [batch, phrases]
+  # A phrase inside a longer spoken one covers no label of its own; it is not counted as spoken.
+  spoken = jnp.concatenate([spoken, ~jnp.any(spoken, axis=1, keepdims=True)], axis=1).astype(jnp.float32)
+  return spoken / jnp.sum(spoken, axis=1, keepdims=True)
+
+
+def biasing_losses(intermediates: Mapping[str, Any], context_selected: jax.Array, batch: Mapping[str, jax.Array],
+                   emit_frames: jax.Array, encoder_paddings: jax.Array, utterance_valid: jax.Array
+                   ) -> dict[str, jax.Array]:
+  """Mean CE-PA, CE-WPA and filter losses of one batch (each a float32 scalar, 0 when nothing to score).
+
+  Args:
+    intermediates: {"filter_logits": [batch, phrases' + 1], "phrase_log_attention": list of [batch,
+      frames, K + 1] (one per biasing block), "wordpiece_log_attention": list of [batch, frames, K + 1,
+      len]}.
+    context_selected: [batch, K] indices of the selected phrases.
+    batch: the training batch (targets, target_paddings, bias_tokens, bias_paddings).
+    emit_frames: [batch, labels] from the forced alignment.
+    encoder_paddings: [batch, frames].
+    utterance_valid: [batch] bool, rows that hold an utterance.
+  """
+  bias_tokens, bias_paddings = batch["bias_tokens"], batch["bias_paddings"]
+  top_k = context_selected.shape[1]
+  if bias_tokens.shape[1] < top_k:
+    extra = top_k - bias_tokens.shape[1]
+    bias_tokens = jnp.pad(bias_tokens, ((0, 0), (0, extra), (0, 0)))
+    bias_paddings = jnp.pad(bias_paddings, ((0, 0), (0, extra), (0, 0)), constant_values=1.0)
+  pick = lambda a: jnp.take_along_axis(a, context_selected[:, :, None], axis=1)
+  selected_tokens, selected_valid = pick(bias_tokens), pick(bias_paddings) <= 0
+  label_phrase, label_position = label_phrases(batch["targets"], batch["target_paddings"], selected_tokens,
+                                               selected_valid)
+  phrase_target, wordpiece_target = frame_targets(emit_frames, label_phrase, label_position, encoder_paddings,
+                                                  no_bias=top_k)
+  frame_ok = (encoder_paddings <= 0) & utterance_valid[:, None]
+  in_phrase = frame_ok & (wordpiece_target >= 0)
+  pa_terms, wpa_terms = [], []
+  for phrase_log_p, wordpiece_log_p in zip(intermediates["phrase_log_attention"],
+                                           intermediates["wordpiece_log_attention"]):
+    pa = -jnp.take_along_axis(phrase_log_p, phrase_target[..., None], axis=-1)[..., 0]
+    pa_terms.append(jnp.sum(jnp.where(frame_ok, pa, 0.0)) / jnp.maximum(jnp.sum(frame_ok), 1))
+    own = jnp.take_along_axis(wordpiece_log_p, jnp.where(in_phrase, phrase_target, 0)[..., None, None], axis=2)[:, :, 0]
+    wpa = -jnp.take_along_axis(own, jnp.maximum(wordpiece_target, 0)[..., None], axis=-1)[..., 0]
+    wpa_terms.append(jnp.sum(jnp.where(in_phrase, wpa, 0.0)) / jnp.maximum(jnp.sum(in_phrase), 1))
+  target = filter_targets(bias_tokens, bias_paddings, batch["targets"], batch["target_paddings"])
+  filter_log_p = jax.nn.log_softmax(intermediates["filter_logits"], axis=-1)
+  filter_ce = -jnp.sum(target * jnp.where(target > 0, filter_log_p, 0.0), axis=-1)
+  return {"phrase_attention": jnp.mean(jnp.stack(pa_terms)),
+          "wordpiece_attention": jnp.mean(jnp.stack(wpa_terms)),
+          "filter": jnp.sum(jnp.where(utterance_valid, filter_ce, 0.0)) / jnp.maximum(jnp.sum(utterance_valid), 1)}

@@ -1,0 +1,332 @@
+"""Deferred NAM (models/nam.py): the biaser inside the transducer, its retrieval targets and losses,
+the forced alignment they come from, freezing the base model, and NAM in the ASR decoder."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from memlm_jax.decoding import kmp
+from memlm_jax.launch import asr_lib
+from memlm_jax.launch.biasing import KmpBiasing, NamBiasing
+from memlm_jax.layers.conformer import ConformerEncoder
+from memlm_jax.losses import rnnt
+from memlm_jax.models import nam
+from memlm_jax.models.transducer import Transducer
+from memlm_jax.models.transducer_parts import JointNetwork, StatelessPredictor
+from memlm_jax.runtime import optimizers
+
+VOCAB = 20
+
+
+def _transducer(seed=0, *, biased=True, strength=1.0, deferred=True, top_k=4, weights=(1.0, 1.0, 1.0)):
+  hook = functools.partial(nam.BiasingAttention, context_dim=16, attention_dim=8, strength=strength)
+  encoder = functools.partial(ConformerEncoder, model_dim=32, num_layers=2, num_heads=2, conv_kernel=3,
+                              context_layers=(0, 1) if biased else (), context_module_factory=hook if biased else None)
+  biaser = functools.partial(nam.NamBiaser, context_dim=16, num_heads=2, filter_dim=8, top_k=top_k, deferred=deferred,
+                             phrase_attention_weight=weights[0], wordpiece_attention_weight=weights[1],
+                             filter_weight=weights[2]) if biased else None
+  with nnx.use_eager_sharding(False):
+    model = Transducer(VOCAB, num_mel_bins=16, spec_augment=None, encoder=encoder,
+                       predictor=functools.partial(StatelessPredictor, embed_dim=8, output_dim=8),
+                       joint=functools.partial(JointNetwork, joint_dim=8), biaser=biaser, rngs=nnx.Rngs(seed))
+  if biased:  # the output projection starts at zero; make the bias visible
+    for i, hook_module in enumerate(model.encoder.context_modules):
+      hook_module.out.kernel[...] = jax.random.normal(jax.random.key(100 + i), hook_module.out.kernel.shape)
+  return model
+
+
+def _batch(seed=0, batch=2, phrases=5, phrase_len=3, samples=4000, labels=6):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, phrase_len + 1, (batch, phrases))
+  paddings = (np.arange(phrase_len)[None, None] >= lengths[..., None]).astype(np.float32)
+  tokens = np.where(paddings == 0, rng.integers(1, VOCAB, (batch, phrases, phrase_len)), 0).astype(np.int32)
+  return {"audio": jnp.asarray(rng.normal(size=(batch, samples)).astype(np.float32) * 0.1),
+          "audio_paddings": jnp.zeros((batch, samples)),
+          "targets": jnp.asarray(rng.integers(1, VOCAB, (batch, labels)), jnp.int32),
+          "target_paddings": jnp.zeros((batch, labels)),
+          "bias_tokens": jnp.asarray(tokens), "bias_paddings": jnp.asarray(paddings)}
+
+
+def _encode(model, batch, **bias):
+  out = model.encode(batch["audio"], batch["audio_paddings"], **bias)
+  nnx.pop(model, nnx.Intermediate)
+  return out
+
+
+def _biased(model, batch):
+  return _encode(model, batch, bias_tokens=batch["bias_tokens"], bias_paddings=batch["bias_paddings"])[0]
+
+
+def test_deferred_equals_full_encoding_when_k_covers_the_list():
+  batch = _batch(1, phrases=4)
+  deferred = _transducer(3, deferred=True, top_k=4)
+  full = _transducer(3, deferred=False, top_k=4)
+  assert not np.allclose(_biased(deferred, batch), _encode(deferred, batch)[0], atol=1e-3)  # the bias matters
+  np.testing.assert_allclose(_biased(deferred, batch), _biased(full, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_order_of_the_list_changes_nothing():
+  batch = _batch(2, phrases=6)
+  model = _transducer(4, top_k=3)
+  permutation = np.random.default_rng(0).permutation(6)
+  permuted = {**batch, "bias_tokens": batch["bias_tokens"][:, permutation],
+              "bias_paddings": batch["bias_paddings"][:, permutation]}
+  np.testing.assert_allclose(_biased(model, batch), _biased(model, permuted), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_phrases_are_never_selected():
+  batch = _batch(3, phrases=6)
+  paddings = np.asarray(batch["bias_paddings"]).copy()
+  paddings[0, [1, 3, 4]] = 1.0  # row 0 has 3 real phrases: 0, 2, 5
+  paddings[1, :] = 1.0  # row 1 has none
+  batch = {**batch, "bias_paddings": jnp.asarray(paddings),
+           "bias_tokens": jnp.where(jnp.asarray(paddings) > 0, 0, batch["bias_tokens"])}
+  model = _transducer(5, top_k=4)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 32))
+  context = model.biaser(x, jnp.zeros((2, 7)), batch["bias_tokens"], batch["bias_paddings"])
+  selected, valid = np.asarray(context.selected), np.asarray(context.phrase_valid)
+  assert sorted(selected[0][valid[0, :4]]) == [0, 2, 5]
+  assert not valid[1, :4].any() and valid[:, 4].all()  # only the no-bias entry is left
+  # An empty list runs (only the no-bias entry) and every frame's phrase attention goes to it.
+  out = _biased(model, batch)
+  assert np.isfinite(np.asarray(out)).all()
+  hook = model.encoder.context_modules[0]
+  hook(x, jnp.zeros((2, 7)), context)
+  phrase_p = np.exp(np.asarray(hook.phrase_log_attention.get_value()[0]))
+  np.testing.assert_allclose(phrase_p[1, :, 4], 1.0, rtol=1e-6)
+  assert (phrase_p[0][:, np.flatnonzero(~valid[0])] == 0).all()
+
+
+def test_a_list_shorter_than_k_is_padded_not_refused():
+  batch = _batch(4, phrases=2)
+  model = _transducer(6, top_k=4)
+  out = _biased(model, batch)
+  assert out.shape == _encode(model, batch)[0].shape
+
+
+def _copy_base(biased_model):
+  base = _transducer(99, biased=False)
+  state = nnx.state(biased_model, nnx.Param)
+  base_state = nnx.state(base, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  nnx.update(base, nnx.from_flat_state({path: flat[path] for path, _ in nnx.to_flat_state(base_state)}))
+  return base
+
+
+def test_strength_zero_is_the_base_transducer_bit_for_bit():
+  batch = _batch(5)
+  model = _transducer(7, strength=0.0, weights=(0.0, 0.0, 0.0))
+  base = _copy_base(model)
+  np.testing.assert_array_equal(_biased(model, batch), _encode(base, batch)[0])
+  assert float(model.loss(batch)["loss_sum"]) == float(base.loss(batch)["loss_sum"])
+  # and a biased model with the bias on is not the base model
+  strong = _transducer(7)
+  assert not np.array_equal(_biased(strong, batch), _encode(_copy_base(strong), batch)[0])
+
+
+def test_frozen_base_gets_zero_updates_and_the_biaser_learns():
+  batch = _batch(6)
+  model = _transducer(8)
+  graphdef, params = nnx.split(model, nnx.Param)
+  frozen = ["^(frontend|encoder/(subsampling|blocks)|predictor|joint)/"]
+  tx = optimizers.make_optimizer(schedule=optax.constant_schedule(1e-2), weight_decay=0.1, frozen=frozen)
+  opt_state = tx.init(params)
+
+  def loss(p):
+    return nnx.merge(graphdef, p).loss(batch)["loss_sum"]
+
+  for _ in range(2):
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new = optax.apply_updates(params, updates)
+  paths = optimizers.param_paths(params)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new)
+  flat = list(zip(jax.tree.leaves(paths), jax.tree.leaves(changed)))
+  frozen_paths = [p for p, _ in flat if p.startswith(("frontend", "encoder/subsampling", "encoder/blocks", "predictor",
+                                                       "joint"))]
+  assert frozen_paths and not any(c for p, c in flat if p in frozen_paths)
+  assert any(c for p, c in flat if p.startswith("biaser/")) and any(
+      c for p, c in flat if p.startswith("encoder/context_modules/"))
+  with pytest.raises(ValueError, match="not a regular expression"):
+    optimizers.make_optimizer(frozen=["("])
+
+
+# -- targets on hand-worked examples ----------------------------------------------------------------------------
+
+
+def test_label_phrases_hand_example():
+  # targets: 5 7 8 3 7 8 9 ; phrases: k0 = [7 8], k1 = [7 8 9], k2 = [4] (absent), k3 = padding
+  targets = jnp.array([[5, 7, 8, 3, 7, 8, 9, 0]])
+  target_paddings = jnp.array([[0, 0, 0, 0, 0, 0, 0, 1.0]])
+  tokens = jnp.array([[[7, 8, 0], [7, 8, 9], [4, 0, 0], [0, 0, 0]]])
+  valid = tokens > 0
+  phrase, position = nam.label_phrases(targets, target_paddings, tokens, valid)
+  # labels 1-2: k0 (the only occurrence there); labels 4-6: k1 (longer than k0's occurrence at 4)
+  np.testing.assert_array_equal(phrase[0], [-1, 0, 0, -1, 1, 1, 1, -1])
+  np.testing.assert_array_equal(position[0], [-1, 0, 1, -1, 0, 1, 2, -1])
+
+
+def test_frame_targets_hand_example():
+  # labels emitted at frames 1, 1, 3, 6; labels 1-2 are phrase 2, positions 0-1; 9 frames, the last padded.
+  emit = jnp.array([[1, 1, 3, 6]])
+  label_phrase = jnp.array([[-1, 2, 2, -1]])
+  label_position = jnp.array([[-1, 0, 1, -1]])
+  paddings = jnp.array([[0, 0, 0, 0, 0, 0, 0, 0, 1.0]])
+  phrase, wordpiece = nam.frame_targets(emit, label_phrase, label_position, paddings, no_bias=4)
+  # frame t belongs to the first label emitted at or after t: frames 0-1 -> label 0, 2-3 -> label 2,
+  # 4-6 -> label 3, 7-8 -> none.
+  np.testing.assert_array_equal(phrase[0], [4, 4, 2, 2, 4, 4, 4, 4, 4])
+  np.testing.assert_array_equal(wordpiece[0], [-1, -1, 1, 1, -1, -1, -1, -1, -1])
+
+
+def test_filter_targets_hand_example():
+  targets = jnp.array([[5, 7, 8, 3], [1, 2, 3, 4]])
+  target_paddings = jnp.zeros((2, 4))
+  tokens = jnp.array([[[7, 8], [3, 0], [9, 0]], [[9, 9], [6, 0], [0, 0]]])
+  paddings = (tokens == 0).astype(jnp.float32)
+  target = nam.filter_targets(tokens, paddings, targets, target_paddings)
+  np.testing.assert_allclose(target, [[0.5, 0.5, 0, 0], [0, 0, 0, 1]])
+
+
+def _brute_force_alignment(blank, label, frames, labels):
+  best, best_emit = -np.inf, None
+  for positions in itertools.combinations(range(frames - 1 + labels), labels):
+    t = u = 0
+    score, emit = 0.0, []
+    for i in range(frames - 1 + labels):
+      if i in positions:
+        score, emit, u = score + label[t, u], emit + [t], u + 1
+      else:
+        score, t = score + blank[t, u], t + 1
+    score += blank[frames - 1, labels]
+    if score > best:
+      best, best_emit = score, emit
+  return best_emit
+
+
+def test_viterbi_alignment_is_the_best_path_by_brute_force():
+  rng = np.random.default_rng(0)
+  for _ in range(10):
+    batch, frames, labels = 3, 6, 4
+    blank = rng.normal(size=(batch, frames, labels + 1)).astype(np.float32)
+    label = rng.normal(size=(batch, frames, labels + 1)).astype(np.float32)
+    t_len, u_len = rng.integers(1, frames + 1, batch), rng.integers(0, labels + 1, batch)
+    frame_paddings = (np.arange(frames)[None] >= t_len[:, None]).astype(np.float32)
+    label_paddings = (np.arange(labels)[None] >= u_len[:, None]).astype(np.float32)
+    got = np.asarray(rnnt.viterbi_alignment(blank, label, frame_paddings, label_paddings))
+    for b in range(batch):
+      assert list(got[b, :u_len[b]]) == _brute_force_alignment(blank[b], label[b], t_len[b], u_len[b])
+      assert (got[b, u_len[b]:] == -1).all()
+
+
+def test_forced_alignment_of_the_model_matches_the_full_lattice():
+  model = _transducer(9)
+  batch = _batch(7)
+  encoder_out, encoder_paddings = _encode(model, batch)
+  logits = model.joint(encoder_out[:, :, None], model.predictor(batch["targets"])[:, None])
+  blank, label = rnnt.emission_logprobs(logits, encoder_paddings, batch["targets"], batch["target_paddings"])
+  want = rnnt.viterbi_alignment(blank, label, encoder_paddings, batch["target_paddings"])
+  for chunk in (None, 3):
+    model.loss_frame_chunk = chunk
+    got = model.forced_alignment(encoder_out, encoder_paddings, batch["targets"], batch["target_paddings"])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_loss_reports_its_terms_and_trains_every_part():
+  model = _transducer(10, top_k=4)
+  batch = _batch(8, phrases=4)
+  # Phrase 0 of each row has 3 wordpieces and occurs in the targets, so CE-WPA has frames to score.
+  tokens, paddings = np.asarray(batch["bias_tokens"]).copy(), np.asarray(batch["bias_paddings"]).copy()
+  tokens[:, 0], paddings[:, 0] = [[3, 4, 5], [6, 7, 8]], 0.0
+  targets = np.asarray(batch["targets"]).copy()
+  targets[:, 2:5] = tokens[:, 0]
+  batch = {**batch, "targets": jnp.asarray(targets), "bias_tokens": jnp.asarray(tokens),
+           "bias_paddings": jnp.asarray(paddings)}
+  sums = model.loss(batch)
+  for key in ("rnnt_loss_sum", "phrase_attention_loss_sum", "wordpiece_attention_loss_sum", "filter_loss_sum"):
+    assert float(sums[key]) > 0, key
+  total = sum(float(sums[k]) for k in ("rnnt_loss_sum", "phrase_attention_loss_sum", "wordpiece_attention_loss_sum",
+                                       "filter_loss_sum"))
+  np.testing.assert_allclose(float(sums["loss_sum"]), total, rtol=1e-5)
+  grads = nnx.grad(lambda m: m.loss(batch)["loss_sum"])(model)
+  norms = {name: float(optax.global_norm(nnx.state(grads, nnx.Param)[name])) for name in ("biaser", "encoder")}
+  assert all(np.isfinite(v) and v > 0 for v in norms.values()), norms
+  filter_grad = optax.global_norm(nnx.state(grads, nnx.Param)["biaser"]["dan_out"])
+  assert float(filter_grad) > 0  # the filter learns through its own loss (top-K passes no gradient)
+
+
+def test_bad_settings_and_inputs_get_one_clear_error():
+  with pytest.raises(ValueError, match="context_layers"):
+    with nnx.use_eager_sharding(False):
+      Transducer(VOCAB, num_mel_bins=16, encoder=functools.partial(ConformerEncoder, model_dim=32, num_layers=2,
+                                                                   num_heads=2),
+                 biaser=nam.NamBiaser, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="phrase_attention_weight"):
+    with nnx.use_eager_sharding(False):
+      nam.NamBiaser(VOCAB, 32, phrase_attention_weight=-1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="strength"):
+    with nnx.use_eager_sharding(False):
+      nam.BiasingAttention(32, strength=-1.0, rngs=nnx.Rngs(0))
+  model = _transducer(11)
+  batch = _batch(9)
+  with pytest.raises(ValueError, match=r"bias_tokens and bias_paddings \[batch=2"):
+    model.encode(batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"][0],
+                 bias_paddings=batch["bias_paddings"][0])
+  base = _transducer(12, biased=False)
+  with pytest.raises(ValueError, match="no biaser"):
+    base.encode(batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"],
+                bias_paddings=batch["bias_paddings"])
+  with pytest.raises(ValueError, match="kmp_phrases"):
+    NamBiasing(kmp_phrases="nam_top_k")
+
+
+# -- decoding ------------------------------------------------------------------------------------------------------
+
+
+def test_select_phrases_gathers_rows_and_empties_outside_indices():
+  table = kmp.make_batched_phrase_table([[[1, 2], [3], [4, 5, 6]], [[7], [8, 9]]], VOCAB)
+  picked = kmp.select_phrases(table, jnp.array([[2, 0], [1, 5]]))
+  np.testing.assert_array_equal(picked.lengths, [[3, 2], [2, 0]])
+  np.testing.assert_array_equal(picked.tokens[0, 0, :3], [4, 5, 6])
+  assert (np.asarray(picked.tokens[1, 1]) == -1).all() and (np.asarray(picked.chain_lengths[1, 1]) == 0).all()
+
+
+def _decoder_inputs(model, batch):
+  graphdef, params = nnx.split(model)
+  return graphdef, params, batch
+
+
+def test_nam_decoder_runs_the_biased_encoder_and_kmp_over_its_top_k():
+  model = _transducer(13, top_k=2)
+  batch = _batch(10, phrases=5)
+  graphdef, params = nnx.split(model)
+  search = dict(beam_size=2, max_symbols_per_frame=3, max_output_length=8)
+  plain = asr_lib.make_decoder(graphdef, **search)(params, batch["audio"], batch["audio_paddings"])
+  lists = dict(bias_tokens=batch["bias_tokens"], bias_paddings=batch["bias_paddings"])
+  nam_only = asr_lib.make_decoder(graphdef, biasing=NamBiasing(), **search)(
+      params, batch["audio"], batch["audio_paddings"], **lists)
+  assert plain[0].shape == nam_only[0].shape
+  # KMP over NAM's top K equals KMP over a table holding exactly the phrases NAM selected.
+  table = kmp.phrase_table_from_padded(np.asarray(batch["bias_tokens"]), np.asarray(batch["bias_paddings"]) == 0,
+                                       VOCAB, chain_width=3)
+  booster = KmpBiasing(delta=3.0)
+  top = asr_lib.make_decoder(graphdef, biasing=NamBiasing(kmp=booster, kmp_phrases="nam_top_k"), **search)(
+      params, batch["audio"], batch["audio_paddings"], table, np.float32(3.0), **lists)
+  _biased(model, batch)
+  model.encode(batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"],
+               bias_paddings=batch["bias_paddings"])
+  selected = np.asarray(model.biaser.selected_phrases.get_value()[0])
+  nnx.pop(model, nnx.Intermediate)
+  tokens = np.take_along_axis(np.asarray(batch["bias_tokens"]), selected[:, :, None], axis=1)
+  paddings = np.take_along_axis(np.asarray(batch["bias_paddings"]), selected[:, :, None], axis=1)
+  small = kmp.phrase_table_from_padded(tokens, paddings == 0, VOCAB, chain_width=3)
+  same = asr_lib.make_decoder(graphdef, biasing=NamBiasing(kmp=booster), **search)(
+      params, batch["audio"], batch["audio_paddings"], small, np.float32(3.0), **lists)
+  np.testing.assert_array_equal(top[0], same[0])
+  np.testing.assert_array_equal(top[1], same[1])

@@ -54,6 +54,10 @@ class DatasetConfig:
   # with zeros and handed to the model as they are, e.g. ['memory_write_weights'] (data/passkey.py).
   # Only with pack=False and the 'decoder' or 'prefix_lm' converter.
   passthrough_features: tuple[str, ...] = ()
+  # Only with feature_converter 'speech': replaces each example's bias list before batching,
+  # e.g. train/DatasetConfig.bias_sampler = @TrainingBiasLists() (data/bias_sampling.py); None
+  # keeps the task's own lists.
+  bias_sampler: speech_features.BiasSampler | None = None
 
   def __post_init__(self):
     for name in ("sequence_length", "batch_size", "targets_length"):
@@ -94,6 +98,9 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True,
   if config.split not in task.splits:
     raise ValueError(f"split {config.split!r} is not in task {task.name!r} (it has {list(task.splits)}).")
   passthrough = _passthrough_specs(config, task)
+  if config.bias_sampler is not None and config.feature_converter != "speech":
+    raise ValueError(f"DatasetConfig.bias_sampler is for feature_converter='speech', got "
+                     f"{config.feature_converter!r}.")
   if config.feature_converter == "decoder":
     converter = seqio.DecoderFeatureConverter(pack=config.pack, passthrough_features=passthrough)
     feature_lengths = {"targets": config.sequence_length}
@@ -111,7 +118,7 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True,
     return speech_features.speech_dataset(
         config.mixture_or_task_name, config.split, local_batch, config.sequence_length,
         config.targets_length, shuffle=config.shuffle, seed=config.seed, num_epochs=config.num_epochs,
-        drop_remainder=drop_remainder, shard_info=shard_info)
+        drop_remainder=drop_remainder, shard_info=shard_info, bias_sampler=config.bias_sampler)
   else:
     raise ValueError(f"DatasetConfig.feature_converter must be 'decoder', 'prefix_lm' or 'speech', got "
                      f"{config.feature_converter!r}.")

@@ -22,7 +22,7 @@ over max_phrase_length tokens is always an error. Nothing is ever truncated.
 from __future__ import annotations
 
 import re
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import gin
 import numpy as np
@@ -31,6 +31,9 @@ import tensorflow as tf
 from absl import logging
 
 TEXT_FEATURES = ("text", "id", "bias")
+# (examples, the task's targets vocabulary, max_phrases) -> examples with new "bias" / "bias_tokens",
+# e.g. bias_sampling.TrainingBiasLists.
+BiasSampler = Callable[[tf.data.Dataset, seqio.Vocabulary, int], tf.data.Dataset]
 # Value of every feature in padding (and in the all-padding rows that fill a short last batch).
 _PADDING_VALUES = {"audio": 0.0, "audio_paddings": 1.0, "targets": 0, "target_paddings": 1.0, "bias_tokens": 0,
                    "bias_paddings": 1.0, "text": "", "id": "", "bias": ""}
@@ -187,13 +190,16 @@ def speech_dataset(task_name: str = gin.REQUIRED, split: str = "train", batch_si
                    max_audio_samples: int = gin.REQUIRED, max_target_length: int = gin.REQUIRED, *,
                    max_phrases: int = 32, max_phrase_length: int = 32, shuffle: bool = True, seed: int = 0,
                    num_epochs: int | None = 1, drop_remainder: bool = False, filter_long: bool = False,
-                   include_text: bool = False, shard_info: seqio.ShardInfo | None = None) -> tf.data.Dataset:
+                   include_text: bool = False, shard_info: seqio.ShardInfo | None = None,
+                   bias_sampler: BiasSampler | None = None) -> tf.data.Dataset:
   """Fixed-shape batches (see `batch_speech`) of a registered speech task's split.
 
   Deterministic given the seed (seqio shuffles with it, tf.data runs deterministically), and
   checkpointable with pipeline.TfDataIterator. batch_size is per host (this shard's rows).
   max_phrases / max_phrase_length fix the shape of the bias phrases (gin:
-  `speech_dataset.max_phrases`), the same for training and evaluation.
+  `speech_dataset.max_phrases`), the same for training and evaluation. bias_sampler, if given,
+  replaces each example's bias list before batching (training: `train/DatasetConfig.bias_sampler
+  = @TrainingBiasLists()`, data/bias_sampling.py); without one the task's own lists are kept.
   """
   try:
     task = seqio.get_mixture_or_task(task_name)
@@ -203,6 +209,8 @@ def speech_dataset(task_name: str = gin.REQUIRED, split: str = "train", batch_si
     raise ValueError(f"split {split!r} is not in task {task_name!r} (it has {list(task.splits)}).")
   examples = task.get_dataset(sequence_length=None, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
                               shard_info=shard_info, trim_output_features=False)
+  if bias_sampler is not None:
+    examples = bias_sampler(examples, task.output_features["targets"].vocabulary, max_phrases)
   batches = batch_speech(examples, batch_size, max_audio_samples, max_target_length, max_phrases=max_phrases,
                          max_phrase_length=max_phrase_length, drop_remainder=drop_remainder,
                          filter_long=filter_long, include_text=include_text)

@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_infini.py --output=results/bench_infini.json
 	$(PY) scripts/bench_rnnt.py --output=results/bench_rnnt.json
 	$(PY) scripts/bench_kmp.py --output=results/bench_kmp.json
+	$(PY) scripts/bench_nam.py --output=results/bench_nam.json
 
 clean:
 	rm -rf $(VENV) runs results

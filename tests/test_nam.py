@@ -173,16 +173,19 @@ def test_label_phrases_hand_example():
 
 
 def test_frame_targets_hand_example():
-  # labels emitted at frames 1, 1, 3, 6; labels 1-2 are phrase 2, positions 0-1; 9 frames, the last padded.
+  # labels emitted at frames 1, 1, 3, 6; labels 1-2 are phrase 2, wordpieces 0-1; K = 4 (entry 4 is
+  # no-bias), phrases of 3 wordpieces; 9 frames, the last padded.
   emit = jnp.array([[1, 1, 3, 6]])
   label_phrase = jnp.array([[-1, 2, 2, -1]])
   label_position = jnp.array([[-1, 0, 1, -1]])
   paddings = jnp.array([[0, 0, 0, 0, 0, 0, 0, 0, 1.0]])
-  phrase, wordpiece = nam.frame_targets(emit, label_phrase, label_position, paddings, no_bias=4)
-  # frame t belongs to the first label emitted at or after t: frames 0-1 -> label 0, 2-3 -> label 2,
-  # 4-6 -> label 3, 7-8 -> none.
-  np.testing.assert_array_equal(phrase[0], [4, 4, 2, 2, 4, 4, 4, 4, 4])
-  np.testing.assert_array_equal(wordpiece[0], [-1, -1, 1, 1, -1, -1, -1, -1, -1])
+  phrase, wordpieces = nam.frame_targets(emit, label_phrase, label_position, paddings, 4, 3)
+  no_bias = [0, 0, 0, 0, 1]
+  want = [no_bias, [0, 0, 0.5, 0, 0.5], no_bias, [0, 0, 1, 0, 0], no_bias, no_bias, no_bias, no_bias, [0] * 5]
+  np.testing.assert_allclose(phrase[0], want)
+  want_pieces = np.zeros((9, 5, 3))
+  want_pieces[1, 2, 0] = want_pieces[3, 2, 1] = 1
+  np.testing.assert_array_equal(wordpieces[0], want_pieces)
 
 
 def test_filter_targets_hand_example():

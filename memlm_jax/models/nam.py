@@ -23,19 +23,23 @@ filter *before* the context encoder, so only K phrases are ever encoded. Three s
            model width and added as x + s * Delta.
 
 Supervision of retrieval (the paper's two added losses, with our target construction):
-  CE-PA    per frame, cross entropy of the phrase attention against the phrase being spoken
-           there, or the no-bias entry;
-  CE-WPA   per frame inside a spoken phrase, cross entropy of that phrase's wordpiece
-           attention against the wordpiece being spoken;
+  CE-PA    per frame, cross entropy of the phrase attention against the phrases whose
+           wordpieces the model emits there (or the no-bias entry);
+  CE-WPA   per frame that emits wordpieces of a selected phrase, cross entropy of the wordpiece
+           attention against those wordpieces;
   filter   top-K passes no gradient, so the DAN filter gets its own cross entropy: its scores
            (softmax over the list plus a no-bias score) against the spoken phrases (each an
            equal share), or no-bias when none is spoken.
-"Being spoken at frame t" comes from the model's own RNN-T Viterbi forced alignment
-(losses/rnnt.viterbi_alignment, under stop_gradient): label u is emitted at frame e_u, and
-frame t belongs to the first label with e_u >= t (frames up to and including a label's
-emission carry that label's sound; a transducer emits a label after hearing it). A label
+"Emits at frame t" comes from the model's own RNN-T Viterbi forced alignment
+(losses/rnnt.viterbi_alignment, under stop_gradient): label u is emitted at frame e_u. A label
 belongs to an occurrence of a selected phrase in the reference (the longest one covering it,
-then the lowest index). Frames after the last emission belong to no label: no-bias.
+then the lowest index), or to no phrase. The targets of frame t are the labels emitted at t,
+each an equal share: CE-PA's over the K + 1 entries (a label of no phrase counts for no-bias; a
+frame that emits nothing is all no-bias), CE-WPA's over the (phrase, wordpiece) pairs of the
+phrase labels (frames without one are not scored). Equal shares, not the first label, because
+the Conformer encoder sees the whole utterance: its transducer may emit a burst of many labels at
+one frame (and nothing for many frames), so the frame's bias must carry all of them, and the
+prediction network picks which comes next.
 
 Arrays: bias_tokens [batch, phrases, phrase_len] int32 (0 = padding), bias_paddings [batch,
 phrases, phrase_len] float32 (1.0 = padded; a phrase's tokens form a prefix; an all-padded row
@@ -323,30 +327,35 @@ def label_phrases(targets: jax.Array, target_paddings: jax.Array, phrase_tokens:
 
 
 def frame_targets(emit_frames: jax.Array, label_phrase: jax.Array, label_position: jax.Array, frame_paddings: jax.Array,
-                  no_bias: int) -> tuple[jax.Array, jax.Array]:
+                  num_phrases: int, phrase_len: int) -> tuple[jax.Array, jax.Array]:
   """Per-frame CE-PA / CE-WPA targets from a forced alignment (module docstring).
 
   Args:
-    emit_frames: [batch, labels] int32 frame of each label's emission (-1 on padded labels),
-      nondecreasing on the valid labels (rnnt.viterbi_alignment).
+    emit_frames: [batch, labels] int32 frame of each label's emission (-1 on padded labels)
+      (rnnt.viterbi_alignment).
     label_phrase, label_position: [batch, labels] from `label_phrases` (-1 = no phrase).
     frame_paddings: [batch, frames] (1.0 = padded).
-    no_bias: the index of the no-bias entry (K).
+    num_phrases: K (entry K, the last of K + 1, is no-bias); phrase_len: wordpieces per phrase.
   Returns:
-    (phrase_target [batch, frames] int32 in [0, K], no_bias where no phrase is spoken;
-     wordpiece_target [batch, frames] int32, -1 where no phrase is spoken or the frame is padded).
+    (phrase_target [batch, frames, K + 1] float32: a distribution per valid frame (padded frames
+     all 0); wordpiece_counts [batch, frames, K + 1, phrase_len] float32: how many labels of phrase
+     k at wordpiece l the frame emits).
   """
   frames = frame_paddings.shape[1]
-  emitted = emit_frames >= 0
-  # The label a frame belongs to: the first valid label emitted at or after it.
-  t = jnp.arange(frames)
-  later = emitted[:, None, :] & (emit_frames[:, None, :] >= t[None, :, None])  # [batch, frames, labels]
-  has_label = jnp.any(later, axis=-1)
-  label = jnp.argmax(later, axis=-1)
-  phrase = jnp.take_along_axis(label_phrase, label, axis=1)
-  position = jnp.take_along_axis(label_position, label, axis=1)
-  spoken = has_label & (phrase >= 0) & (frame_paddings <= 0)
-  return (jnp.where(spoken, phrase, no_bias).astype(jnp.int32), jnp.where(spoken, position, -1).astype(jnp.int32))
+  emitted = (emit_frames[:, None, :] == jnp.arange(frames)[None, :, None]) & (emit_frames >= 0)[:, None, :]
+  emitted = emitted.astype(jnp.float32)  # [batch, frames, labels]
+  slot = jnp.where(label_phrase >= 0, label_phrase, num_phrases)
+  slot_onehot = jax.nn.one_hot(slot, num_phrases + 1, dtype=jnp.float32)  # [batch, labels, K + 1]
+  counts = jnp.einsum("btu,buk->btk", emitted, slot_onehot)
+  silent = jnp.sum(counts, axis=-1, keepdims=True) == 0
+  counts = jnp.where(silent, jax.nn.one_hot(num_phrases, num_phrases + 1, dtype=jnp.float32), counts)
+  valid = (frame_paddings <= 0)[..., None]
+  phrase_target = jnp.where(valid, counts / jnp.sum(counts, axis=-1, keepdims=True), 0.0)
+  in_phrase = (label_phrase >= 0).astype(jnp.float32)
+  position_onehot = jax.nn.one_hot(jnp.maximum(label_position, 0), phrase_len, dtype=jnp.float32)
+  pairs = slot_onehot[..., :, None] * position_onehot[..., None, :] * in_phrase[..., None, None]  # [b, u, K+1, len]
+  wordpiece_counts = jnp.einsum("btu,bukl->btkl", emitted, pairs) * valid[..., None]
+  return phrase_target, wordpiece_counts
 
 
 def filter_targets(bias_tokens: jax.Array, bias_paddings: jax.Array, targets: jax.Array, target_paddings: jax.Array
@@ -386,17 +395,18 @@ def biasing_losses(intermediates: Mapping[str, Any], context_selected: jax.Array
   selected_tokens, selected_valid = pick(bias_tokens), pick(bias_paddings) <= 0
   label_phrase, label_position = label_phrases(batch["targets"], batch["target_paddings"], selected_tokens,
                                                selected_valid)
-  phrase_target, wordpiece_target = frame_targets(emit_frames, label_phrase, label_position, encoder_paddings,
-                                                  no_bias=top_k)
+  phrase_target, wordpiece_counts = frame_targets(emit_frames, label_phrase, label_position, encoder_paddings,
+                                                  top_k, bias_tokens.shape[-1])
   frame_ok = (encoder_paddings <= 0) & utterance_valid[:, None]
-  in_phrase = frame_ok & (wordpiece_target >= 0)
+  emitted_pieces = jnp.sum(wordpiece_counts, axis=(-2, -1))  # [batch, frames]
+  in_phrase = frame_ok & (emitted_pieces > 0)
+  wordpiece_target = wordpiece_counts / jnp.maximum(emitted_pieces, 1.0)[..., None, None]
   pa_terms, wpa_terms = [], []
   for phrase_log_p, wordpiece_log_p in zip(intermediates["phrase_log_attention"],
                                            intermediates["wordpiece_log_attention"]):
-    pa = -jnp.take_along_axis(phrase_log_p, phrase_target[..., None], axis=-1)[..., 0]
+    pa = -jnp.sum(jnp.where(phrase_target > 0, phrase_target * phrase_log_p, 0.0), axis=-1)
     pa_terms.append(jnp.sum(jnp.where(frame_ok, pa, 0.0)) / jnp.maximum(jnp.sum(frame_ok), 1))
-    own = jnp.take_along_axis(wordpiece_log_p, jnp.where(in_phrase, phrase_target, 0)[..., None, None], axis=2)[:, :, 0]
-    wpa = -jnp.take_along_axis(own, jnp.maximum(wordpiece_target, 0)[..., None], axis=-1)[..., 0]
+    wpa = -jnp.sum(jnp.where(wordpiece_target > 0, wordpiece_target * wordpiece_log_p, 0.0), axis=(-2, -1))
     wpa_terms.append(jnp.sum(jnp.where(in_phrase, wpa, 0.0)) / jnp.maximum(jnp.sum(in_phrase), 1))
   target = filter_targets(bias_tokens, bias_paddings, batch["targets"], batch["target_paddings"])
   filter_log_p = jax.nn.log_softmax(intermediates["filter_logits"], axis=-1)

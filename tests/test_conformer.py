@@ -229,7 +229,8 @@ def counting_factory(calls: list):
   """A context_module_factory whose i-th module (in build order) appends i to `calls` when run."""
   built = []
 
-  def factory(dim, rngs):
+  def factory(dim, dtype, rngs):
+    del dtype
     built.append(len(built))
     return AddScaledContext(dim, built[-1], calls.append, rngs=rngs)
   return factory

@@ -155,6 +155,13 @@ def test_frozen_base_gets_zero_updates_and_the_biaser_learns():
       c for p, c in flat if p.startswith("encoder/context_modules/"))
   with pytest.raises(ValueError, match="not a regular expression"):
     optimizers.make_optimizer(frozen=["("])
+  with pytest.raises(ValueError, match="'encoder/block/' matches no parameter"):
+    optimizers.make_optimizer(frozen=["encoder/block/"]).init(params)
+  with pytest.raises(ValueError, match="matches every parameter"):
+    optimizers.make_optimizer(frozen=["."]).init(params)
+  # Frozen parameters hold no optimizer state: the state is the size of the trainable ones x 2 (Adam).
+  trainable = sum(x.size for p, x in zip(jax.tree.leaves(paths), jax.tree.leaves(params)) if p not in frozen_paths)
+  assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0) == 2 * trainable
 
 
 # -- targets on hand-worked examples ----------------------------------------------------------------------------
@@ -278,9 +285,17 @@ def test_bad_settings_and_inputs_get_one_clear_error():
       nam.BiasingAttention(32, strength=-1.0, rngs=nnx.Rngs(0))
   model = _transducer(11)
   batch = _batch(9)
-  with pytest.raises(ValueError, match=r"bias_tokens and bias_paddings \[batch=2"):
+  with pytest.raises(ValueError, match=r"needs bias_tokens \[batch, phrases, phrase_len\].*got \(5, 3\)"):
     model.encode(batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"][0],
                  bias_paddings=batch["bias_paddings"][0])
+  with pytest.raises(ValueError, match=r"lists for 1 utterances, the audio \(2, 4000\) for 2"):
+    model.encode(batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"][:1],
+                 bias_paddings=batch["bias_paddings"][:1])
+  with pytest.raises(ValueError, match="integer bias_tokens"):
+    model.encode(batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"].astype(jnp.float32),
+                 bias_paddings=batch["bias_paddings"])
+  with pytest.raises(ValueError, match="kmp boosts the list NAM reads"):
+    NamBiasing(kmp=KmpBiasing(delta=1.0, bias_lists="anti"))
   base = _transducer(12, biased=False)
   with pytest.raises(ValueError, match="no biaser"):
     base.encode(batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"],

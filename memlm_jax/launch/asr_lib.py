@@ -47,13 +47,13 @@ from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam
 from memlm_jax.evaluation import bias_lists, wer
 from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing, NamBiasing
 
-Biasing = KmpBiasing | NamBiasing
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
 from memlm_jax.runtime import files, multihost, partitioning
 from memlm_jax.runtime.partitioning import Partitioner
 from memlm_jax.runtime.train_state import InferenceState
 
-# (params, audio [batch, samples], audio_paddings [batch, samples][, table, delta]) ->
+Biasing = KmpBiasing | NamBiasing
+# (params, audio [batch, samples], audio_paddings [batch, samples][, table, delta, bias_tokens, bias_paddings]) ->
 # (tokens [batch, max_output_length] int32, lengths [batch] int32) of the best hypotheses.
 Decoder = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -94,12 +94,7 @@ def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_fram
     net = nnx.merge(graphdef, params)
     selected = None
     if biasing is not None and biasing.uses_context:
-      if getattr(net, "biaser", None) is None:
-        raise ValueError("asr_eval.biasing = @NamBiasing() needs a model with a biaser (Transducer.biaser = "
-                         "@NamBiaser); this one has none.")
-      encoder_out, encoder_paddings = net.encode(audio, audio_paddings, bias_tokens=bias_tokens,
-                                                 bias_paddings=bias_paddings)
-      selected = net.biaser.selected_phrases.get_value()[0]
+      encoder_out, encoder_paddings, selected = net.encode_biased(audio, audio_paddings, bias_tokens, bias_paddings)
     else:
       encoder_out, encoder_paddings = net.encode(audio, audio_paddings)
     fns = TransducerFns.from_model(net)
@@ -136,6 +131,8 @@ def _filler_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   decodes these while the others finish)."""
   filler = {k: np.zeros_like(v) if v.dtype != object else np.full_like(v, b"") for k, v in batch.items()}
   filler["audio_paddings"] = np.ones_like(batch["audio_paddings"])
+  if "bias_paddings" in batch:  # no phrases (zeros would read as phrases of token 0)
+    filler["bias_paddings"] = np.ones_like(batch["bias_paddings"])
   return filler
 
 
@@ -288,6 +285,10 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
                      f"input shards ({shard[1]}, one per host or per group of hosts holding the same rows).")
   check_writable(model_dir, "eval")
   restored = restore_for_inference(model_dir, model, parts, checkpoint_step)
+  needs_biaser = [s.name[1:] for s in settings if s is not None and s.enabled and s.uses_context]
+  if needs_biaser and "biaser" not in restored.params:
+    raise ValueError(f"asr_eval.biasing ({needs_biaser[0]}) needs a model with a biaser (Transducer.biaser = "
+                     f"@NamBiaser, configs/models/nam.gin); the model in {model_dir} has none.")
 
   def batches():
     return multihost.in_step(

@@ -125,8 +125,8 @@ class NamBiasing:
 
   bias_lists: 'utterance' (each utterance's own list) or 'anti' (a distractor list of the same size,
     as for KmpBiasing).
-  kmp: None, or a KmpBiasing whose boosting is added in the beam search (its own bias_lists and
-    anti_seed are ignored: it boosts the list NAM reads).
+  kmp: None, or a KmpBiasing whose boosting is added in the beam search, of the list NAM reads (its
+    bias_lists must stay 'utterance'; its anti_seed is not used).
   kmp_phrases: 'all' (KMP boosts the whole list) or 'nam_top_k' (only the K phrases NAM's filter
     selected for the utterance, so KMP's per-step cost no longer grows with the list).
   anti_seed: seed of the anti-biasing draw.
@@ -147,6 +147,9 @@ class NamBiasing:
       raise ValueError(f"NamBiasing.kmp_phrases must be one of {NAM_KMP_PHRASES}, got {self.kmp_phrases!r}.")
     if self.kmp is not None and not isinstance(self.kmp, KmpBiasing):
       raise ValueError(f"NamBiasing.kmp must be a KmpBiasing or None, got {self.kmp!r}.")
+    if self.kmp is not None and self.kmp.bias_lists != "utterance":
+      raise ValueError(f"NamBiasing.kmp boosts the list NAM reads; set NamBiasing.bias_lists={self.kmp.bias_lists!r} "
+                       "instead of KmpBiasing.bias_lists.")
     if self.kmp_phrases != "all" and self.kmp is None:
       raise ValueError(f"NamBiasing.kmp_phrases={self.kmp_phrases!r} needs NamBiasing.kmp (a KmpBiasing).")
 

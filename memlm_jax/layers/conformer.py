@@ -33,7 +33,7 @@ from memlm_jax.layers.attention import MultiHeadAttention
 from memlm_jax.layers.checks import check_positive_sizes
 from memlm_jax.layers.sharding_names import EMBED_ACTIVATIONS, MLP_ACTIVATIONS, constrain
 
-# Builds the module applied after a block: factory(model_dim, rngs=...) -> module, and
+# Builds the module applied after a block: factory(model_dim, dtype=..., rngs=...) -> module, and
 # module(x [batch, frames, model_dim], paddings [batch, frames], context) -> new x.
 ContextModuleFactory = Callable[..., nnx.Module]
 
@@ -279,7 +279,7 @@ class ConformerBlock(nnx.Module):
 class ConformerEncoder(nnx.Module):
   """ConvSubsampling + `num_layers` ConformerBlocks, with optional context-injection hooks.
 
-  Context hook (for NAM / Deferred-NAM biasing): `context_module_factory(model_dim, rngs=rngs)`
+  Context hook (for NAM / Deferred-NAM biasing): `context_module_factory(model_dim, dtype=, rngs=)`
   is called once per index in `context_layers` (block indices, 0-based, AFTER which the module
   runs). When `context` is given, after block i the encoder sets
       x = module_i(x, paddings, context)
@@ -316,7 +316,8 @@ class ConformerEncoder(nnx.Module):
         for _ in range(num_layers)
     ])
     self.context_layers = tuple(sorted(context_layers))
-    self.context_modules = nnx.List([context_module_factory(model_dim, rngs=rngs) for _ in self.context_layers])
+    self.context_modules = nnx.List([context_module_factory(model_dim, dtype=dtype, rngs=rngs)
+                                     for _ in self.context_layers])
 
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

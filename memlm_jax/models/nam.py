@@ -370,27 +370,45 @@ def filter_targets(bias_tokens: jax.Array, bias_paddings: jax.Array, targets: ja
   return spoken / jnp.sum(spoken, axis=1, keepdims=True)
 
 
-def biasing_losses(intermediates: Mapping[str, Any], context_selected: jax.Array, batch: Mapping[str, jax.Array],
-                   emit_frames: jax.Array, encoder_paddings: jax.Array, utterance_valid: jax.Array
-                   ) -> dict[str, jax.Array]:
-  """Mean CE-PA, CE-WPA and filter losses of one batch (each a float32 scalar, 0 when nothing to score).
+def _padded_to(bias_tokens: jax.Array, bias_paddings: jax.Array, phrases: int) -> tuple[jax.Array, jax.Array]:
+  """The lists padded with empty phrases to at least `phrases` (as NamBiaser pads a list shorter than K)."""
+  extra = max(phrases - bias_tokens.shape[1], 0)
+  return (jnp.pad(bias_tokens, ((0, 0), (0, extra), (0, 0))),
+          jnp.pad(bias_paddings, ((0, 0), (0, extra), (0, 0)), constant_values=1.0))
+
+
+def filter_loss(filter_logits: jax.Array, batch: Mapping[str, jax.Array], utterance_valid: jax.Array) -> jax.Array:
+  """Mean over utterances of the filter's cross entropy against `filter_targets` (float32 scalar).
 
   Args:
-    intermediates: {"filter_logits": [batch, phrases' + 1], "phrase_log_attention": list of [batch,
-      frames, K + 1] (one per biasing block), "wordpiece_log_attention": list of [batch, frames, K + 1,
-      len]}.
-    context_selected: [batch, K] indices of the selected phrases.
+    filter_logits: [batch, phrases' + 1] (NamBiaser's, phrases' = max(phrases, K)).
+    batch: targets, target_paddings, bias_tokens, bias_paddings.
+    utterance_valid: [batch] bool, rows that hold an utterance.
+  """
+  bias_tokens, bias_paddings = _padded_to(batch["bias_tokens"], batch["bias_paddings"], filter_logits.shape[1] - 1)
+  target = filter_targets(bias_tokens, bias_paddings, batch["targets"], batch["target_paddings"])
+  log_p = jax.nn.log_softmax(filter_logits, axis=-1)
+  cross_entropy = -jnp.sum(jnp.where(target > 0, target * log_p, 0.0), axis=-1)
+  return jnp.sum(jnp.where(utterance_valid, cross_entropy, 0.0)) / jnp.maximum(jnp.sum(utterance_valid), 1)
+
+
+def attention_losses(intermediates: Mapping[str, Any], batch: Mapping[str, jax.Array], emit_frames: jax.Array,
+                     encoder_paddings: jax.Array, utterance_valid: jax.Array) -> dict[str, jax.Array]:
+  """Mean CE-PA and CE-WPA of one batch ({"phrase_attention", "wordpiece_attention"}, float32 scalars, 0
+  when nothing is scored), averaged over the biasing blocks.
+
+  Args:
+    intermediates: {"selected_phrases": [batch, K] indices into the list, "phrase_log_attention": list of
+      [batch, frames, K + 1] (one per biasing block), "wordpiece_log_attention": list of [batch, frames,
+      K + 1, len]}.
     batch: the training batch (targets, target_paddings, bias_tokens, bias_paddings).
     emit_frames: [batch, labels] from the forced alignment.
     encoder_paddings: [batch, frames].
     utterance_valid: [batch] bool, rows that hold an utterance.
   """
-  bias_tokens, bias_paddings = batch["bias_tokens"], batch["bias_paddings"]
+  context_selected = intermediates["selected_phrases"]
   top_k = context_selected.shape[1]
-  if bias_tokens.shape[1] < top_k:
-    extra = top_k - bias_tokens.shape[1]
-    bias_tokens = jnp.pad(bias_tokens, ((0, 0), (0, extra), (0, 0)))
-    bias_paddings = jnp.pad(bias_paddings, ((0, 0), (0, extra), (0, 0)), constant_values=1.0)
+  bias_tokens, bias_paddings = _padded_to(batch["bias_tokens"], batch["bias_paddings"], top_k)
   pick = lambda a: jnp.take_along_axis(a, context_selected[:, :, None], axis=1)
   selected_tokens, selected_valid = pick(bias_tokens), pick(bias_paddings) <= 0
   label_phrase, label_position = label_phrases(batch["targets"], batch["target_paddings"], selected_tokens,
@@ -408,9 +426,4 @@ def biasing_losses(intermediates: Mapping[str, Any], context_selected: jax.Array
     pa_terms.append(jnp.sum(jnp.where(frame_ok, pa, 0.0)) / jnp.maximum(jnp.sum(frame_ok), 1))
     wpa = -jnp.sum(jnp.where(wordpiece_target > 0, wordpiece_target * wordpiece_log_p, 0.0), axis=(-2, -1))
     wpa_terms.append(jnp.sum(jnp.where(in_phrase, wpa, 0.0)) / jnp.maximum(jnp.sum(in_phrase), 1))
-  target = filter_targets(bias_tokens, bias_paddings, batch["targets"], batch["target_paddings"])
-  filter_log_p = jax.nn.log_softmax(intermediates["filter_logits"], axis=-1)
-  filter_ce = -jnp.sum(target * jnp.where(target > 0, filter_log_p, 0.0), axis=-1)
-  return {"phrase_attention": jnp.mean(jnp.stack(pa_terms)),
-          "wordpiece_attention": jnp.mean(jnp.stack(wpa_terms)),
-          "filter": jnp.sum(jnp.where(utterance_valid, filter_ce, 0.0)) / jnp.maximum(jnp.sum(utterance_valid), 1)}
+  return {"phrase_attention": jnp.mean(jnp.stack(pa_terms)), "wordpiece_attention": jnp.mean(jnp.stack(wpa_terms))}

@@ -75,15 +75,33 @@ class Transducer(nnx.Module):
       if context is not None:
         raise ValueError("Transducer.encode takes bias_tokens or a context, not both.")
       context = self._biasing_context(bias_tokens, bias_paddings)
+      if bias_tokens.shape[0] != audio.shape[0]:
+        raise ValueError(f"Transducer.encode: bias_tokens {bias_tokens.shape} hold lists for {bias_tokens.shape[0]} "
+                         f"utterances, the audio {audio.shape} for {audio.shape[0]}.")
     features, paddings = self.frontend(audio, audio_paddings)
     if self.spec_augment is not None and not deterministic:
       features = self.spec_augment(features, paddings, deterministic=False, rngs=rngs)
     return self.encoder(features, paddings, context=context, deterministic=deterministic, rngs=rngs)
 
+  def encode_biased(self, audio: jax.Array, audio_paddings: jax.Array, bias_tokens: jax.Array,
+                    bias_paddings: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The biased encoding for decoding: audio [batch, samples], audio_paddings [batch, samples],
+    bias_tokens / bias_paddings [batch, phrases, phrase_len] -> (encoder_out [batch, frames', dim],
+    encoder_paddings [batch, frames'], selected [batch, K] int32: the phrases the biaser kept)."""
+    encoder_out, encoder_paddings = self.encode(audio, audio_paddings, bias_tokens=bias_tokens,
+                                                bias_paddings=bias_paddings)
+    selected = self._pop_biasing_intermediates()["selected_phrases"]
+    return encoder_out, encoder_paddings, selected
+
   def _biasing_context(self, bias_tokens: jax.Array, bias_paddings: jax.Array | None) -> Callable:
-    if bias_paddings is None or bias_paddings.shape != bias_tokens.shape:
-      raise ValueError(f"Transducer.encode needs bias_paddings shaped like bias_tokens {bias_tokens.shape}, got "
-                       f"{None if bias_paddings is None else bias_paddings.shape}.")
+    """The encoder's context: a callable (stream x [batch, frames', dim], paddings [batch, frames']) ->
+    NamContext that also sows the selection (`selected_phrases` [batch, K])."""
+    if bias_paddings is None or bias_paddings.shape != bias_tokens.shape or bias_tokens.ndim != 3:
+      raise ValueError(f"Transducer.encode needs bias_tokens [batch, phrases, phrase_len] and bias_paddings of the "
+                       f"same shape, got {bias_tokens.shape} and {None if bias_paddings is None else bias_paddings.shape}.")
+    if not jnp.issubdtype(bias_tokens.dtype, jnp.integer) or bias_tokens.shape[-1] < 1:
+      raise ValueError(f"Transducer.encode needs integer bias_tokens with phrase_len >= 1, got {bias_tokens.dtype} "
+                       f"{bias_tokens.shape}.")
 
     def context(x, paddings):
       biasing = self.biaser(x, paddings, bias_tokens, bias_paddings)
@@ -118,8 +136,8 @@ class Transducer(nnx.Module):
     """Summed RNN-T loss and label count over the batch (rows with no audio contribute nothing).
 
     With a biaser the encoder is biased by the batch's phrase lists and loss_sum adds
-    weight_sum x (the biaser's weighted mean CE-PA, CE-WPA and filter losses), each also
-    reported on its own (`rnnt_loss_sum`, `phrase_attention_loss_sum`, ...)."""
+    weight_sum x (the biaser's weighted mean CE-PA, CE-WPA and filter losses); each term with a
+    weight > 0 is also reported, unweighted (`rnnt_loss_sum`, `phrase_attention_loss_sum`, ...)."""
     weight_sum = jnp.sum(1.0 - batch["target_paddings"].astype(jnp.float32))
     if self.biaser is None:
       nll = self.per_example_nll(batch, deterministic=deterministic, rngs=rngs)
@@ -133,24 +151,26 @@ class Transducer(nnx.Module):
     weights = {"phrase_attention": self.biaser.phrase_attention_weight,
                "wordpiece_attention": self.biaser.wordpiece_attention_weight, "filter": self.biaser.filter_weight}
     total = rnnt_sum
-    if any(weights.values()):
+    utterance_valid = jnp.min(batch["audio_paddings"], axis=1) < 1.0
+    losses = {}
+    if weights["filter"]:
+      losses["filter"] = nam.filter_loss(intermediates["filter_logits"], batch, utterance_valid)
+    if weights["phrase_attention"] or weights["wordpiece_attention"]:  # only these need the alignment
       emit_frames = self.forced_alignment(encoder_out, encoder_paddings, batch["targets"], batch["target_paddings"])
-      utterance_valid = jnp.min(batch["audio_paddings"], axis=1) < 1.0
-      losses = nam.biasing_losses(intermediates, intermediates["selected_phrases"], batch, emit_frames,
-                                  encoder_paddings, utterance_valid)
-      for name, weight in weights.items():
-        sums[f"{name}_loss_sum"] = losses[name] * weight_sum
-        total = total + weight * losses[name] * weight_sum
+      losses.update(nam.attention_losses(intermediates, batch, emit_frames, encoder_paddings, utterance_valid))
+    for name, value in losses.items():  # reported unweighted, added weighted
+      sums[f"{name}_loss_sum"] = value * weight_sum
+      total = total + weights[name] * value * weight_sum
     sums["loss_sum"] = total
     return sums
 
   def _pop_biasing_intermediates(self) -> dict[str, Any]:
     """What the biaser and its hooks sowed in the last encode (and removes it from the model)."""
     hooks = list(self.encoder.context_modules)
-    found = {"filter_logits": self.biaser.sown_filter_logits.get_value()[0],
-             "selected_phrases": self.biaser.selected_phrases.get_value()[0],
-             "phrase_log_attention": [hook.phrase_log_attention.get_value()[0] for hook in hooks],
-             "wordpiece_log_attention": [hook.wordpiece_log_attention.get_value()[0] for hook in hooks]}
+    found = {"filter_logits": self.biaser.sown_filter_logits.get_value()[-1],
+             "selected_phrases": self.biaser.selected_phrases.get_value()[-1],
+             "phrase_log_attention": [hook.phrase_log_attention.get_value()[-1] for hook in hooks],
+             "wordpiece_log_attention": [hook.wordpiece_log_attention.get_value()[-1] for hook in hooks]}
     nnx.pop(self, nnx.Intermediate)
     return found
 

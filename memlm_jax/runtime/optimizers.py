@@ -6,8 +6,9 @@ paths (e.g. 'layers/0/attention/query/kernel').
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import jax
@@ -94,6 +95,35 @@ def make_optimizer(name: str = "adamw", schedule: optax.Schedule | None = None, 
       raise ValueError(f"make_optimizer.frozen: {pattern!r} is not a regular expression ({error}).") from None
   if not frozen:
     return optax.chain(*parts)
-  frozen_mask = path_mask(frozen)
+  frozen_mask = checked_path_mask(frozen, "make_optimizer.frozen")
   labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "trained", frozen_mask(params))
-  return optax.multi_transform({"trained": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
+  tx = optax.multi_transform({"trained": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
+  return FreezingTransformation(tx.init, tx.update, frozen_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezingTransformation:
+  """An optax GradientTransformation (init, update) that also names the parameters it never changes:
+  frozen_mask(params) -> bool tree (True = frozen), static, so the Trainer can drop their gradients
+  (XLA then never computes them) and leave them out of the reported gradient norm."""
+  init: Callable[..., Any]
+  update: Callable[..., Any]
+  frozen_mask: Callable[[Any], Any]
+
+
+def checked_path_mask(patterns: Sequence[str], owner: str) -> Callable[[Any], Any]:
+  """path_mask(patterns) that raises ValueError (naming `owner`) when a pattern matches no parameter
+  or every parameter matches (a typo would otherwise silently train, or freeze, everything)."""
+  mask = path_mask(patterns)
+
+  def checked(params):
+    paths = jax.tree.leaves(param_paths(params))
+    for pattern in patterns:
+      if not any(re.search(pattern, path) for path in paths):
+        raise ValueError(f"{owner}: {pattern!r} matches no parameter (paths look like {paths[0]!r}).")
+    result = mask(params)
+    if all(jax.tree.leaves(result)):
+      raise ValueError(f"{owner}={list(patterns)} matches every parameter: nothing would train.")
+    return result
+
+  return checked

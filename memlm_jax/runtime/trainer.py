@@ -70,6 +70,8 @@ class Trainer:
     self.partitioner = partitioner
     self.accum_steps = accum_steps
     self.dropout_seed = dropout_seed
+    # optimizers.FreezingTransformation: parameters that never change get no gradient at all.
+    self.frozen_mask = getattr(optimizer, "frozen_mask", None)
     self.evaluator = Evaluator(graphdef, partitioner, shardings.params)
     self._train_step = jax.jit(self._step, in_shardings=(shardings, partitioner.batch_sharding),
                                out_shardings=(shardings, partitioner.replicated), donate_argnums=(0,))
@@ -80,6 +82,8 @@ class Trainer:
       return sums["loss_sum"], sums
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(params)
+    if self.frozen_mask is not None:  # unused, so XLA never computes the frozen parameters' gradients
+      grads = jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g, grads, self.frozen_mask(params))
     return grads, sums
 
   def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

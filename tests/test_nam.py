@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from memlm_jax.decoding import kmp
+from memlm_jax.decoding.transducer_beam import TransducerFns, beam_search
 from memlm_jax.launch import asr_lib
 from memlm_jax.launch.biasing import KmpBiasing, NamBiasing
 from memlm_jax.layers.conformer import ConformerEncoder
@@ -105,9 +106,13 @@ def test_padded_phrases_are_never_selected():
 
 def test_a_list_shorter_than_k_is_padded_not_refused():
   batch = _batch(4, phrases=2)
-  model = _transducer(6, top_k=4)
-  out = _biased(model, batch)
-  assert out.shape == _encode(model, batch)[0].shape
+  padded = {**batch, "bias_tokens": jnp.pad(batch["bias_tokens"], ((0, 0), (0, 3), (0, 0))),
+            "bias_paddings": jnp.pad(batch["bias_paddings"], ((0, 0), (0, 3), (0, 0)), constant_values=1.0)}
+  for deferred in (True, False):
+    model = _transducer(6, top_k=4, deferred=deferred)
+    np.testing.assert_allclose(_biased(model, batch), _biased(model, padded), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_biased(_transducer(6, top_k=4), batch),
+                             _biased(_transducer(6, top_k=4, deferred=False), batch), rtol=1e-5, atol=1e-5)
 
 
 def _copy_base(biased_model):
@@ -202,6 +207,31 @@ def test_filter_targets_hand_example():
   paddings = (tokens == 0).astype(jnp.float32)
   target = nam.filter_targets(tokens, paddings, targets, target_paddings)
   np.testing.assert_allclose(target, [[0.5, 0.5, 0, 0], [0, 0, 0, 1]])
+
+
+def test_attention_losses_hand_example():
+  # Labels 5 6 7; the selected phrases are [6 7] (slot 0) and [9] (slot 1); slot 2 is no-bias. Label 5 is
+  # emitted at frame 0, labels 6 and 7 (phrase 0, wordpieces 0 and 1) both at frame 2; frames 1, 3 are silent.
+  rng = np.random.default_rng(0)
+  phrase_log_p = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(1, 4, 3)), jnp.float32))
+  wordpiece_log_p = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(1, 4, 3, 2)), jnp.float32))
+  intermediates = {"selected_phrases": jnp.array([[0, 1]]), "phrase_log_attention": [phrase_log_p],
+                   "wordpiece_log_attention": [wordpiece_log_p]}
+  batch = {"targets": jnp.array([[5, 6, 7]]), "target_paddings": jnp.zeros((1, 3)),
+           "bias_tokens": jnp.array([[[6, 7], [9, 0]]]), "bias_paddings": jnp.array([[[0, 0], [0, 1.0]]])}
+  emit = jnp.array([[0, 2, 2]])
+  paddings, valid = jnp.zeros((1, 4)), jnp.array([True])
+  p, w = np.asarray(phrase_log_p[0]), np.asarray(wordpiece_log_p[0])
+  pa_all = -(p[0, 2] + p[1, 2] + p[2, 0] + p[3, 2]) / 4
+  pa_emitting = -(p[0, 2] + p[2, 0]) / 2
+  wpa = -(0.5 * w[2, 0, 0] + 0.5 * w[2, 0, 1])
+  for frames, want in (("all", pa_all), ("emitting", pa_emitting)):
+    losses = nam.attention_losses(intermediates, batch, emit, paddings, valid, frames)
+    np.testing.assert_allclose(float(losses["phrase_attention"]), want, rtol=1e-6)
+    np.testing.assert_allclose(float(losses["wordpiece_attention"]), wpa, rtol=1e-6)
+  # A padded utterance row contributes nothing.
+  none = nam.attention_losses(intermediates, batch, emit, paddings, jnp.array([False]))
+  assert float(none["phrase_attention"]) == float(none["wordpiece_attention"]) == 0.0
 
 
 def _brute_force_alignment(blank, label, frames, labels):
@@ -329,18 +359,28 @@ def test_nam_decoder_runs_the_biased_encoder_and_kmp_over_its_top_k():
   lists = dict(bias_tokens=batch["bias_tokens"], bias_paddings=batch["bias_paddings"])
   nam_only = asr_lib.make_decoder(graphdef, biasing=NamBiasing(), **search)(
       params, batch["audio"], batch["audio_paddings"], **lists)
-  assert plain[0].shape == nam_only[0].shape
+  # NAM alone is the beam search over the biased encoding (independent: the search on encode_biased's output).
+  encoder_out, encoder_paddings, selected = model.encode_biased(batch["audio"], batch["audio_paddings"],
+                                                                batch["bias_tokens"], batch["bias_paddings"])
+  want = beam_search(TransducerFns.from_model(model), encoder_out, encoder_paddings, beam_size=2,
+                     max_symbols_per_frame=3, max_output_length=8)
+  np.testing.assert_array_equal(nam_only[0], want.tokens[:, 0])
+  np.testing.assert_array_equal(nam_only[1], want.lengths[:, 0])
+  # With s = 0 the NAM decoder is the plain one, bit for bit, inside jit.
+  silent = _transducer(13, top_k=2, strength=0.0)
+  silent_graphdef, silent_params = nnx.split(silent)
+  silent_params = jax.tree.map(lambda a, b: b, silent_params, params)  # the same weights as `model`
+  quiet = asr_lib.make_decoder(silent_graphdef, biasing=NamBiasing(), **search)(
+      silent_params, batch["audio"], batch["audio_paddings"], **lists)
+  np.testing.assert_array_equal(quiet[0], plain[0])
+  np.testing.assert_array_equal(quiet[1], plain[1])
   # KMP over NAM's top K equals KMP over a table holding exactly the phrases NAM selected.
   table = kmp.phrase_table_from_padded(np.asarray(batch["bias_tokens"]), np.asarray(batch["bias_paddings"]) == 0,
                                        VOCAB, chain_width=3)
   booster = KmpBiasing(delta=3.0)
   top = asr_lib.make_decoder(graphdef, biasing=NamBiasing(kmp=booster, kmp_phrases="nam_top_k"), **search)(
       params, batch["audio"], batch["audio_paddings"], table, np.float32(3.0), **lists)
-  _biased(model, batch)
-  model.encode(batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"],
-               bias_paddings=batch["bias_paddings"])
-  selected = np.asarray(model.biaser.selected_phrases.get_value()[0])
-  nnx.pop(model, nnx.Intermediate)
+  selected = np.asarray(selected)
   tokens = np.take_along_axis(np.asarray(batch["bias_tokens"]), selected[:, :, None], axis=1)
   paddings = np.take_along_axis(np.asarray(batch["bias_paddings"]), selected[:, :, None], axis=1)
   small = kmp.phrase_table_from_padded(tokens, paddings == 0, VOCAB, chain_width=3)

@@ -58,6 +58,7 @@ from flax import nnx, struct
 from memlm_jax.layers.checks import check_positive_sizes
 from memlm_jax.layers.conformer import FeedForward, SelfAttention, dense, layer_norm
 
+PHRASE_ATTENTION_FRAMES = ("all", "emitting")
 # Score of a phrase that cannot be selected (padding); finite, so softmaxes stay NaN-free.
 _NEG = -1e30
 
@@ -122,12 +123,15 @@ class NamBiaser(nnx.Module):
       all and select with keys from the encoded phrases (Dual-mode NAM).
     phrase_attention_weight, wordpiece_attention_weight, filter_weight: the CE-PA, CE-WPA and
       filter losses' weights (0 = off), each a mean over the frames (phrases) it covers.
+    phrase_attention_frames: the frames CE-PA averages over: 'all' valid frames, or only 'emitting'
+      ones (where the alignment emits a label; the silent majority, all no-bias, otherwise dominates).
   """
 
   def __init__(self, vocab_size: int, model_dim: int, *, context_dim: int = 96, num_layers: int = 1,
                num_heads: int = 4, ff_mult: int = 2, filter_dim: int = 64, top_k: int = 16, deferred: bool = True,
                phrase_attention_weight: float = 0.0, wordpiece_attention_weight: float = 0.0,
-               filter_weight: float = 1.0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               filter_weight: float = 1.0, phrase_attention_frames: str = "all", dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
     check_positive_sizes("NamBiaser", vocab_size=vocab_size, model_dim=model_dim, context_dim=context_dim,
                          num_layers=num_layers, num_heads=num_heads, ff_mult=ff_mult, filter_dim=filter_dim,
                          top_k=top_k)
@@ -135,6 +139,10 @@ class NamBiaser(nnx.Module):
                          ("wordpiece_attention_weight", wordpiece_attention_weight), ("filter_weight", filter_weight)):
       if not weight >= 0:
         raise ValueError(f"NamBiaser.{name} must be >= 0 (0 = off), got {weight}.")
+    if phrase_attention_frames not in PHRASE_ATTENTION_FRAMES:
+      raise ValueError(f"NamBiaser.phrase_attention_frames must be one of {PHRASE_ATTENTION_FRAMES}, got "
+                       f"{phrase_attention_frames!r}.")
+    self.phrase_attention_frames = phrase_attention_frames
     self.context_dim = context_dim
     self.top_k = top_k
     self.deferred = deferred
@@ -393,7 +401,8 @@ def filter_loss(filter_logits: jax.Array, batch: Mapping[str, jax.Array], uttera
 
 
 def attention_losses(intermediates: Mapping[str, Any], batch: Mapping[str, jax.Array], emit_frames: jax.Array,
-                     encoder_paddings: jax.Array, utterance_valid: jax.Array) -> dict[str, jax.Array]:
+                     encoder_paddings: jax.Array, utterance_valid: jax.Array, phrase_attention_frames: str = "all"
+                     ) -> dict[str, jax.Array]:
   """Mean CE-PA and CE-WPA of one batch ({"phrase_attention", "wordpiece_attention"}, float32 scalars, 0
   when nothing is scored), averaged over the biasing blocks.
 
@@ -405,6 +414,7 @@ def attention_losses(intermediates: Mapping[str, Any], batch: Mapping[str, jax.A
     emit_frames: [batch, labels] from the forced alignment.
     encoder_paddings: [batch, frames].
     utterance_valid: [batch] bool, rows that hold an utterance.
+    phrase_attention_frames: 'all' or 'emitting' (NamBiaser.phrase_attention_frames).
   """
   context_selected = intermediates["selected_phrases"]
   top_k = context_selected.shape[1]
@@ -416,6 +426,11 @@ def attention_losses(intermediates: Mapping[str, Any], batch: Mapping[str, jax.A
   phrase_target, wordpiece_counts = frame_targets(emit_frames, label_phrase, label_position, encoder_paddings,
                                                   top_k, bias_tokens.shape[-1])
   frame_ok = (encoder_paddings <= 0) & utterance_valid[:, None]
+  pa_frames = frame_ok
+  if phrase_attention_frames == "emitting":
+    frames = encoder_paddings.shape[1]
+    pa_frames = frame_ok & jnp.any((emit_frames[:, None, :] == jnp.arange(frames)[None, :, None]) &
+                                   (emit_frames >= 0)[:, None, :], axis=-1)
   emitted_pieces = jnp.sum(wordpiece_counts, axis=(-2, -1))  # [batch, frames]
   in_phrase = frame_ok & (emitted_pieces > 0)
   wordpiece_target = wordpiece_counts / jnp.maximum(emitted_pieces, 1.0)[..., None, None]
@@ -423,7 +438,7 @@ def attention_losses(intermediates: Mapping[str, Any], batch: Mapping[str, jax.A
   for phrase_log_p, wordpiece_log_p in zip(intermediates["phrase_log_attention"],
                                            intermediates["wordpiece_log_attention"]):
     pa = -jnp.sum(jnp.where(phrase_target > 0, phrase_target * phrase_log_p, 0.0), axis=-1)
-    pa_terms.append(jnp.sum(jnp.where(frame_ok, pa, 0.0)) / jnp.maximum(jnp.sum(frame_ok), 1))
+    pa_terms.append(jnp.sum(jnp.where(pa_frames, pa, 0.0)) / jnp.maximum(jnp.sum(pa_frames), 1))
     wpa = -jnp.sum(jnp.where(wordpiece_target > 0, wordpiece_target * wordpiece_log_p, 0.0), axis=(-2, -1))
     wpa_terms.append(jnp.sum(jnp.where(in_phrase, wpa, 0.0)) / jnp.maximum(jnp.sum(in_phrase), 1))
   return {"phrase_attention": jnp.mean(jnp.stack(pa_terms)), "wordpiece_attention": jnp.mean(jnp.stack(wpa_terms))}

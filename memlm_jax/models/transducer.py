@@ -157,7 +157,8 @@ class Transducer(nnx.Module):
       losses["filter"] = nam.filter_loss(intermediates["filter_logits"], batch, utterance_valid)
     if weights["phrase_attention"] or weights["wordpiece_attention"]:  # only these need the alignment
       emit_frames = self.forced_alignment(encoder_out, encoder_paddings, batch["targets"], batch["target_paddings"])
-      losses.update(nam.attention_losses(intermediates, batch, emit_frames, encoder_paddings, utterance_valid))
+      losses.update(nam.attention_losses(intermediates, batch, emit_frames, encoder_paddings, utterance_valid,
+                                         self.biaser.phrase_attention_frames))
     for name, value in losses.items():  # reported unweighted, added weighted
       sums[f"{name}_loss_sum"] = value * weight_sum
       total = total + weights[name] * value * weight_sum

@@ -15,8 +15,9 @@ filter *before* the context encoder, so only K phrases are ever encoded. Three s
                             context encoder gives, so every phrase is encoded first.
   encoder  a few pre-norm Transformer layers over each selected phrase's wordpieces (bidirectional,
            RoPE, key padding); the phrase embedding is the masked mean of its encoded wordpieces.
-           Both settings have the same parameters, and with K >= phrases (everything selected)
-           the same output.
+           Both settings have the same parameters (each leaves the other's filter keys unused),
+           and with K >= phrases (everything selected) the same output. The DAN and the context
+           encoder share the wordpiece embedding, so the filter loss trains it too.
   biasing  `BiasingAttention`, the Conformer's context hook in gin-chosen blocks: phrase-level
            attention over the K phrases plus a learned no-bias entry, wordpiece-level attention
            inside each phrase, Delta = sum_k p_k sum_l w_kl V(wordpiece_kl), projected to the
@@ -239,7 +240,9 @@ class BiasingAttention(nnx.Module):
   Phrase-level attention p [batch, frames, K + 1] over the selected phrases and no-bias,
   wordpiece-level attention w [batch, frames, K + 1, phrase_len] inside each phrase, both from
   the layer-normed stream; Delta = out(sum_k p_k sum_l w_kl V(wordpiece_kl)). The output
-  projection starts at zero, so a biaser warm-started on a trained transducer starts as it.
+  projection starts at zero, so a biaser warm-started on a trained transducer starts as it; once
+  trained, the no-bias entry's value (and out's bias) make Delta nonzero even for an empty list,
+  so only s = 0 (or no list at all) is exactly the unbiased encoder.
   Sows `phrase_log_attention` and `wordpiece_log_attention` for the CE-PA / CE-WPA losses.
 
   Args:

@@ -184,6 +184,38 @@ def test_label_phrases_hand_example():
   np.testing.assert_array_equal(position[0], [-1, 0, 1, -1, 0, 1, 2, -1])
 
 
+def _naive_label_phrases(targets, n_labels, phrases):
+  """Per label: (k, l) of the covering occurrence with the longest phrase, then the lowest k, then the
+  earliest start; (-1, -1) when none."""
+  best = [(-1, -1, None)] * len(targets)
+  for k, phrase in enumerate(phrases):
+    for a in range(n_labels - len(phrase) + 1 if phrase else 0):
+      if list(targets[a:a + len(phrase)]) == list(phrase):
+        for l in range(len(phrase)):
+          key = (len(phrase), -k, -a)
+          if best[a + l][2] is None or key > best[a + l][2]:
+            best[a + l] = (k, l, key)
+  return [b[0] for b in best], [b[1] for b in best]
+
+
+def test_label_phrases_against_a_naive_loop_on_random_lists():
+  rng = np.random.default_rng()
+  for _ in range(20):
+    batch, labels, num_phrases, length = 3, 12, 4, 3
+    targets = rng.integers(1, 4, (batch, labels))  # a small alphabet: many (overlapping) occurrences
+    n_labels = rng.integers(0, labels + 1, batch)
+    paddings = (np.arange(labels)[None] >= n_labels[:, None]).astype(np.float32)
+    lengths = rng.integers(0, length + 1, (batch, num_phrases))
+    valid = np.arange(length)[None, None] < lengths[..., None]
+    tokens = np.where(valid, rng.integers(1, 4, (batch, num_phrases, length)), 0)
+    phrase, position = map(np.asarray, nam.label_phrases(jnp.asarray(targets), jnp.asarray(paddings),
+                                                         jnp.asarray(tokens), jnp.asarray(valid)))
+    for b in range(batch):
+      lists = [list(tokens[b, k, :lengths[b, k]]) for k in range(num_phrases)]
+      want_phrase, want_position = _naive_label_phrases(targets[b], n_labels[b], lists)
+      assert list(phrase[b]) == want_phrase and list(position[b]) == want_position, (targets[b], lists)
+
+
 def test_frame_targets_hand_example():
   # labels emitted at frames 1, 1, 3, 6; labels 1-2 are phrase 2, wordpieces 0-1; K = 4 (entry 4 is
   # no-bias), phrases of 3 wordpieces; 9 frames, the last padded.

@@ -323,18 +323,21 @@ def label_phrases(targets: jax.Array, target_paddings: jax.Array, phrase_tokens:
   window_ok = inside[None] & label_ok[:, jnp.minimum(offsets, labels - 1)]
   equal = (window[:, None] == phrase_tokens[:, :, None, :]) & window_ok[:, None]  # [batch, K, a, l]
   match = jnp.all(equal | ~phrase_valid[:, :, None, :], axis=-1) & (lengths > 0)[:, :, None]  # [batch, K, a]
-  # covered[b, k, a, u]: the occurrence of k at a covers label u.
-  u = jnp.arange(labels)
-  covered = match[..., None] & (u[None, None, None, :] >= jnp.arange(labels)[None, None, :, None]) & (
-      u[None, None, None, :] < jnp.arange(labels)[None, None, :, None] + lengths[:, :, None, None])
-  priority = jnp.where(covered, lengths[:, :, None, None] * (num_phrases + 1) + (num_phrases - jnp.arange(
-      num_phrases))[None, :, None, None], 0)  # longest, then lowest k
-  best = jnp.max(priority, axis=(1, 2))  # [batch, labels]
-  flat = priority.transpose(0, 3, 1, 2).reshape(batch, labels, num_phrases * labels)
-  arg = jnp.argmax(flat, axis=-1)
-  phrase, start = arg // labels, arg % labels
-  found = best > 0
-  return (jnp.where(found, phrase, -1).astype(jnp.int32), jnp.where(found, u[None] - start, -1).astype(jnp.int32))
+  # Label u is covered by an occurrence of k starting at u - l for some wordpiece l < len_k: one
+  # [batch, K, labels] pass per l (memory O(batch K labels), not labels squared).
+  rank = lengths[:, :, None] * (num_phrases + 1) + (num_phrases - jnp.arange(num_phrases))[None, :, None]
+  best = jnp.zeros((batch, labels), jnp.int32)
+  phrase = jnp.full((batch, labels), -1, jnp.int32)
+  position = jnp.full((batch, labels), -1, jnp.int32)
+  for l in range(length):
+    starts_here = jnp.pad(match, ((0, 0), (0, 0), (l, 0)))[:, :, :labels] & (l < lengths)[:, :, None]
+    priority = jnp.where(starts_here, rank, 0)  # longest phrase, then the lowest k
+    top = jnp.max(priority, axis=1)
+    better = top >= jnp.maximum(best, 1)  # ties (the same phrase): the earliest start
+    best = jnp.where(better, top, best)
+    phrase = jnp.where(better, jnp.argmax(priority, axis=1), phrase)
+    position = jnp.where(better, l, position)
+  return phrase.astype(jnp.int32), position.astype(jnp.int32)
 
 
 def frame_targets(emit_frames: jax.Array, label_phrase: jax.Array, label_position: jax.Array, frame_paddings: jax.Array,

@@ -304,6 +304,18 @@ def _check_blank_id(blank_id: int, vocab: int) -> None:
     raise ValueError(f"blank_id={blank_id} is outside the vocabulary [0, {vocab}).")
 
 
+def _logit_lengths(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array, label_paddings: jax.Array,
+                   blank_id: int) -> tuple[jax.Array, jax.Array]:
+  """Checks full joint logits [batch, frames, labels + 1, vocab] against the paddings, labels and blank;
+  returns the lengths T, U [batch]."""
+  if logits.ndim != 4:
+    raise ValueError(f"logits must be [batch, frames, labels + 1, vocab]; got shape {logits.shape}.")
+  batch, frames, u1, vocab = logits.shape
+  _check_paddings(batch, frames, u1 - 1, logit_paddings, label_paddings, labels)
+  _check_blank_id(blank_id, vocab)
+  return _lengths(logit_paddings, label_paddings)
+
+
 def rnnt_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array,
               label_paddings: jax.Array, blank_id: int = BLANK_ID) -> jax.Array:
   """Per-example RNN-T negative log-likelihood.
@@ -324,12 +336,8 @@ def rnnt_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array,
     gradient; one with neither frames nor labels returns 0. Gradients are finite (plain
     autodiff; `rnnt_loss_from_joint` is the memory-lean variant).
   """
-  if logits.ndim != 4:
-    raise ValueError(f"logits must be [batch, frames, labels + 1, vocab]; got shape {logits.shape}.")
-  batch, frames, u1, vocab = logits.shape
-  _check_paddings(batch, frames, u1 - 1, logit_paddings, label_paddings, labels)
-  _check_blank_id(blank_id, vocab)
-  t_len, u_len = _lengths(logit_paddings, label_paddings)
+  t_len, u_len = _logit_lengths(logits, logit_paddings, labels, label_paddings, blank_id)
+  frames = logits.shape[1]
   if frames == 0:
     return _no_frames_nll(t_len, u_len)
   blank, label = _emissions(logits, _extend_labels(labels), jnp.arange(frames), t_len, u_len, blank_id)
@@ -447,13 +455,8 @@ def emission_logprobs(logits: jax.Array, logit_paddings: jax.Array, labels: jax.
     log P(labels[u] | t, u), -inf off each example's lattice (the input of
     `rnnt_loss_from_logprobs` and `viterbi_alignment`).
   """
-  if logits.ndim != 4:
-    raise ValueError(f"logits must be [batch, frames, labels + 1, vocab]; got shape {logits.shape}.")
-  batch, frames, u1, vocab = logits.shape
-  _check_paddings(batch, frames, u1 - 1, logit_paddings, label_paddings, labels)
-  _check_blank_id(blank_id, vocab)
-  t_len, u_len = _lengths(logit_paddings, label_paddings)
-  return _emissions(logits, _extend_labels(labels), jnp.arange(frames), t_len, u_len, blank_id)
+  t_len, u_len = _logit_lengths(logits, logit_paddings, labels, label_paddings, blank_id)
+  return _emissions(logits, _extend_labels(labels), jnp.arange(logits.shape[1]), t_len, u_len, blank_id)
 
 
 def viterbi_alignment(blank_logprobs: jax.Array, label_logprobs: jax.Array, logit_paddings: jax.Array,

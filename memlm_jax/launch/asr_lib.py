@@ -46,7 +46,6 @@ from memlm_jax.data import pipeline, speech_features
 from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam_search, greedy_decode
 from memlm_jax.evaluation import bias_lists, wer
 from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing, NamBiasing
-
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
 from memlm_jax.runtime import files, multihost, partitioning
 from memlm_jax.runtime.partitioning import Partitioner
@@ -100,9 +99,7 @@ def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_fram
     fns = TransducerFns.from_model(net)
     if kmp is None and beam_size == 1:
       return greedy_decode(fns, encoder_out, encoder_paddings, **search)
-    fusion = None
-    if kmp is not None:
-      fusion = kmp.fusion(table, delta, selected) if kmp.uses_context else kmp.fusion(table, delta)
+    fusion = None if kmp is None else kmp.fusion(table, delta, selected)
     best = beam_search(fns, encoder_out, encoder_paddings, beam_size=beam_size, fusion=fusion,
                        fusion_top_k=None if kmp is None else kmp.top_k, method=method, **search)
     return best.tokens[:, 0], best.lengths[:, 0]
@@ -195,9 +192,8 @@ class _SplitDecoder:
     decode = self._decoder(biasing)
     if biasing is None:
       return decode(self.restored.params, audio["audio"], audio["audio_paddings"])
-    name = biasing.name[1:]
     if "bias" not in batch:
-      raise ValueError(f"asr_eval.biasing ({name}) needs per-utterance 'bias' lists; task "
+      raise ValueError(f"asr_eval.biasing ({biasing.name[1:]}) needs per-utterance 'bias' lists; task "
                        f"{self.task_name!r} has none.")
     tokens, paddings, phrase_tokens = batch["bias_tokens"], batch["bias_paddings"], _phrase_tokens(batch)
     used = set(phrase_tokens)

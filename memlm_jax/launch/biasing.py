@@ -73,10 +73,6 @@ class KmpBiasing:
     return self.delta > 0
 
   @property
-  def kmp(self) -> KmpBiasing:
-    return self
-
-  @property
   def name(self) -> str:
     """File-name part: '' when off, else e.g. '_kmp0.5shallow', '_kmp1shallow_top8', '_kmp2rescore_anti'."""
     if not self.enabled:
@@ -110,8 +106,11 @@ class KmpBiasing:
     return phrase_table_from_padded(bias_tokens, np.asarray(bias_paddings) == 0, vocab_size,
                                     chain_width=self.chain_width or np.shape(bias_tokens)[-1])
 
-  def fusion(self, table: PhraseTable, delta: Any) -> ScoreFusion:
-    """The beam search's ScoreFusion (called inside the jitted decoder; delta may be traced)."""
+  def fusion(self, table: PhraseTable, delta: Any, selected: Any = None) -> ScoreFusion:
+    """The beam search's ScoreFusion (called inside the jitted decoder; delta may be traced), boosting
+    the rows `selected` [batch, K] of the table (None: all of them)."""
+    if selected is not None:
+      table = select_phrases(table, selected)
     return kmp_fusion(table, delta, self.mode)
 
 
@@ -184,10 +183,8 @@ class NamBiasing:
     return self.kmp.phrase_table(bias_tokens, bias_paddings, vocab_size)
 
   def fusion(self, table: PhraseTable, delta: Any, selected: Any = None) -> ScoreFusion:
-    """KMP fusion over the whole table, or (kmp_phrases 'nam_top_k') over the rows `selected` [batch, K]."""
-    if self.kmp_phrases == "nam_top_k":
-      table = select_phrases(table, selected)
-    return self._kmp.fusion(table, delta)
+    """KMP fusion over the whole table, or (kmp_phrases 'nam_top_k') over the rows NAM `selected` [batch, K]."""
+    return self._kmp.fusion(table, delta, selected if self.kmp_phrases == "nam_top_k" else None)
 
 
 @gin.configurable

@@ -55,16 +55,15 @@ pairs that complete their prefix. Cost O(hyps * phrases * chain + hyps * vocab).
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
+from memlm_jax.decoding.boosting import (BoostState, PhraseBooster, check_padded_phrases, padded_phrase_lists,
+                                         phrase_fusion)
 from memlm_jax.decoding.transducer_beam import ScoreFusion
-from memlm_jax.losses.rnnt import BLANK_ID
 
 # Phrase tables.
 
@@ -97,6 +96,24 @@ class PhraseTable:
   @property
   def chain_width(self) -> int:
     return self.chain_tokens.shape[-1]
+
+  @property
+  def batch_size(self) -> int | None:
+    return self.lengths.shape[0] if self.batched else None
+
+  # The phrase-matcher interface of decoding/boosting.py (one list; states [n, phrases]).
+
+  def initial_match(self, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.zeros(tuple(shape) + (self.lengths.shape[-1],), jnp.int32)
+
+  def raw_potential(self, match: jax.Array) -> jax.Array:
+    return _raw_potential(self, match)
+
+  def step(self, match: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return _kmp_step(self, match, tokens)
+
+  def vocab_step(self, match: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _kmp_vocab_step(self, match)
 
 
 def select_phrases(table: PhraseTable, indices: jax.Array) -> PhraseTable:
@@ -176,20 +193,7 @@ def phrase_table_from_padded(tokens: np.ndarray, mask: np.ndarray, vocab_size: i
     chain_width: pad the chain axis to this width (fixed shapes: one compilation for all
       phrase lists); None = the longest chain of these phrases.
   """
-  tokens, mask = np.asarray(tokens), np.asarray(mask, bool)
-  if tokens.ndim not in (2, 3) or mask.shape != tokens.shape:
-    raise ValueError(f"tokens and mask must both be [phrases, max_len] or [batch, phrases, max_len], got shapes "
-                     f"{tokens.shape} and {mask.shape}.")
-  lengths = mask.sum(-1)
-  if (mask != (np.arange(tokens.shape[-1]) < lengths[..., None])).any():
-    raise ValueError("mask must be True on a prefix of each phrase (the phrase) and False after it.")
-  outside = mask & ((tokens < 1) | (tokens >= vocab_size))
-  if outside.any():
-    raise ValueError(f"token id {int(tokens[outside][0])} is outside the vocabulary [1, {vocab_size}) "
-                     "(id 0 is the blank).")
-  weights = np.ones(lengths.shape, np.float32) if weights is None else np.asarray(weights, np.float32)
-  if weights.shape != lengths.shape or not (np.isfinite(weights) & (weights > 0)).all():
-    raise ValueError(f"weights must be positive finite floats of shape {lengths.shape}, got {weights}.")
+  tokens, mask, lengths, weights = check_padded_phrases(tokens, mask, vocab_size, weights)
 
   flat_tokens = np.where(mask, tokens, -1).reshape(-1, tokens.shape[-1]).astype(np.int32)
   flat_lengths = lengths.reshape(-1)
@@ -213,58 +217,13 @@ def phrase_table_from_padded(tokens: np.ndarray, mask: np.ndarray, vocab_size: i
                      vocab_size=int(vocab_size))
 
 
-def _clean_phrase_list(phrases: Sequence[Sequence[int]], names: Sequence[str], weights: Sequence[float] | None,
-                       vocab_size: int, max_phrases: int | None,
-                       max_phrase_length: int | None) -> tuple[list[list[int]], list[float]]:
-  """Drops (with a warning) empty phrases and duplicates; raises on ids outside the vocabulary,
-  phrases longer than max_phrase_length and lists longer than max_phrases."""
-  if weights is not None and len(weights) != len(phrases):
-    raise ValueError(f"got {len(weights)} weights for {len(phrases)} phrases.")
-  kept, kept_weights, seen = [], [], set()
-  for index, (phrase, name) in enumerate(zip(phrases, names)):
-    ids = [int(t) for t in phrase]
-    if not ids:
-      logging.warning("Dropping empty biasing phrase %s.", name)
-      continue
-    bad = [t for t in ids if not 1 <= t < vocab_size]
-    if bad:
-      raise ValueError(f"phrase {name} has token id {bad[0]} outside the vocabulary [1, {vocab_size}) "
-                       "(id 0 is the blank).")
-    if max_phrase_length is not None and len(ids) > max_phrase_length:
-      raise ValueError(f"phrase {name} has {len(ids)} tokens, more than max_phrase_length={max_phrase_length}.")
-    if tuple(ids) in seen:
-      logging.warning("Dropping duplicate biasing phrase %s.", name)
-      continue
-    seen.add(tuple(ids))
-    kept.append(ids)
-    kept_weights.append(1.0 if weights is None else float(weights[index]))
-  if max_phrases is not None and len(kept) > max_phrases:
-    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
-    raise ValueError(f"the phrase list [{shown}] has {len(kept)} distinct phrases, more than "
-                     f"max_phrases={max_phrases}.")
-  return kept, kept_weights
-
-
 def _table_from_lists(phrase_lists: Sequence[Sequence[Sequence[int]]], names: Sequence[Sequence[str]],
                       weights: Sequence[Sequence[float]] | None, vocab_size: int, max_phrases: int | None,
                       max_phrase_length: int | None, chain_width: int | None, batched: bool) -> PhraseTable:
-  if weights is not None and len(weights) != len(phrase_lists):
-    raise ValueError(f"got {len(weights)} weight lists for {len(phrase_lists)} phrase lists.")
-  for name, limit in (("max_phrases", max_phrases), ("max_phrase_length", max_phrase_length),
-                      ("chain_width", chain_width)):
-    if limit is not None and limit < 1:
-      raise ValueError(f"{name} must be >= 1 (or None), got {limit}.")
-  cleaned = [_clean_phrase_list(phrases, list_names, None if weights is None else weights[u], vocab_size,
-                                max_phrases, max_phrase_length)
-             for u, (phrases, list_names) in enumerate(zip(phrase_lists, names))]
-  num_phrases = max_phrases or max([1] + [len(p) for p, _ in cleaned])
-  max_len = max_phrase_length or max([1] + [len(t) for p, _ in cleaned for t in p])
-  tokens = np.zeros((len(cleaned), num_phrases, max_len), np.int32)
-  mask = np.zeros(tokens.shape, bool)
-  weight_array = np.ones(tokens.shape[:2], np.float32)
-  for u, (phrases, phrase_weights) in enumerate(cleaned):
-    for b, (ids, w) in enumerate(zip(phrases, phrase_weights)):
-      tokens[u, b, :len(ids)], mask[u, b, :len(ids)], weight_array[u, b] = ids, True, w
+  if chain_width is not None and chain_width < 1:
+    raise ValueError(f"chain_width must be >= 1 (or None), got {chain_width}.")
+  tokens, mask, weight_array = padded_phrase_lists(phrase_lists, vocab_size, weights=weights, max_phrases=max_phrases,
+                                                   max_phrase_length=max_phrase_length, names=names)
   if not batched:
     tokens, mask, weight_array = tokens[0], mask[0], weight_array[0]
   return phrase_table_from_padded(tokens, mask, vocab_size, weights=weight_array, chain_width=chain_width)
@@ -295,16 +254,8 @@ def make_batched_phrase_table(phrase_lists: Sequence[Sequence[Sequence[int]]], v
 # Matching and scoring.
 
 
-class KmpState(NamedTuple):
-  """Match state of a set of hypotheses with leading shape S.
-
-  match: S + [phrases] int32, i_b per biasing phrase.
-  prefix_match: S + [prefixes] int32 (zero width without a prefix table).
-  active: S bool, the prefix flag.
-  """
-  match: jax.Array
-  prefix_match: jax.Array
-  active: jax.Array
+KmpState = BoostState  # match: S + [phrases], i_b per biasing phrase; prefix_match: S + [prefixes]
+KmpBooster = PhraseBooster  # over PhraseTables: KMP boosting (see the module docstring)
 
 
 def _chains(table: PhraseTable, match: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -325,148 +276,35 @@ def _raw_potential(table: PhraseTable, match: jax.Array) -> jax.Array:
   return jnp.max(table.weights * match.astype(jnp.float32), axis=-1)
 
 
-class _Scorer(NamedTuple):
-  """The per-utterance computations; tables unbatched, states [n, ...]."""
-  table: PhraseTable
-  prefix_table: PhraseTable | None
-  bonus_per_token: Any
-  prefix_multiplier: Any
-
-  def scaled(self, raw: jax.Array, active: jax.Array) -> jax.Array:
-    return self.bonus_per_token * jnp.where(active, self.prefix_multiplier, 1.0) * raw
-
-  def potential(self, state: KmpState) -> jax.Array:
-    return self.scaled(_raw_potential(self.table, state.match), state.active)
-
-  def advance(self, state: KmpState, tokens: jax.Array) -> tuple[KmpState, jax.Array]:
-    new, completed = _step_matches(self.table, state.match, tokens)
-    any_completed = jnp.any(completed, axis=-1)
-    full = jnp.max(jnp.where(completed, self.table.weights * self.table.lengths.astype(jnp.float32), 0.0), -1)
-    raw_after = jnp.where(any_completed, full, _raw_potential(self.table, new))
-    prefix_match, prefix_completed = state.prefix_match, jnp.zeros_like(any_completed)
-    if self.prefix_table is not None:
-      prefix_new, prefix_done = _step_matches(self.prefix_table, state.prefix_match, tokens)
-      prefix_completed = jnp.any(prefix_done, axis=-1)
-      prefix_match = jnp.where(prefix_completed[:, None], 0, prefix_new)
-    continuing = state.active & (raw_after > 0)
-    bonus = self.scaled(raw_after, prefix_completed | continuing) - self.potential(state)
-    advanced = KmpState(match=jnp.where(any_completed[:, None], 0, new), prefix_match=prefix_match,
-                        active=prefix_completed | (continuing & ~any_completed))
-    is_blank = tokens == BLANK_ID
-    advanced = jax.tree.map(
-        lambda a, b: jnp.where(is_blank.reshape(is_blank.shape + (1,) * (a.ndim - 1)), b, a), advanced, state)
-    return advanced, jnp.where(is_blank, 0.0, bonus)
-
-  def token_bonus(self, state: KmpState) -> jax.Array:
-    n, vocab = state.match.shape[0], self.table.vocab_size
-    rows = jnp.arange(n)[:, None, None]
-
-    def scatter_max(chain_tokens, values):  # values [n, phrases, chain] -> [n, vocab]; -1 tokens dropped
-      columns = jnp.where(chain_tokens >= 0, chain_tokens, vocab)
-      return jnp.zeros((n, vocab + 1), values.dtype).at[rows, columns].max(values)[:, :vocab]
-
-    chain_tokens, chain_lengths = _chains(self.table, state.match)
-    completes = (chain_lengths == self.table.lengths[:, None]) & (chain_lengths > 0)
-    value = self.table.weights[:, None] * chain_lengths.astype(jnp.float32)
-    full = scatter_max(chain_tokens, jnp.where(completes, value, 0.0))
-    raw_after = jnp.where(full > 0, full, scatter_max(chain_tokens, jnp.where(completes, 0.0, value)))
-    prefix_completed = jnp.zeros((n, vocab), bool)
-    if self.prefix_table is not None:
-      prefix_tokens, prefix_lengths = _chains(self.prefix_table, state.prefix_match)
-      prefix_completes = (prefix_lengths == self.prefix_table.lengths[:, None]) & (prefix_lengths > 0)
-      prefix_completed = scatter_max(prefix_tokens, prefix_completes.astype(jnp.int32)) > 0
-    active_after = prefix_completed | (state.active[:, None] & (raw_after > 0))
-    bonus = self.scaled(raw_after, active_after) - self.potential(state)[:, None]
-    return bonus.at[:, BLANK_ID].set(0.0)
+def _kmp_step(table: PhraseTable, match: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The matcher step (decoding/boosting.py) of an unbatched table: match [n, phrases], tokens [n]."""
+  new, completed = _step_matches(table, match, tokens)
+  any_completed = jnp.any(completed, axis=-1)
+  full = jnp.max(jnp.where(completed, table.weights * table.lengths.astype(jnp.float32), 0.0), -1)
+  raw_after = jnp.where(any_completed, full, _raw_potential(table, new))
+  return jnp.where(any_completed[:, None], 0, new), raw_after, any_completed
 
 
-@dataclasses.dataclass(frozen=True)
-class KmpBooster:
-  """KMP phrase boosting over hypotheses with any leading shape S (see the module docstring).
+def _kmp_vocab_step(table: PhraseTable, match: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """r(after x) and completed, [n, vocab] each, for every token x (a scatter-max over the chains)."""
+  n, vocab = match.shape[0], table.vocab_size
+  rows = jnp.arange(n)[:, None, None]
 
-  A batched table (or prefix table) needs S[0] == its batch size: row u of the state uses
-  phrase list u.
+  def scatter_max(chain_tokens, values):  # values [n, phrases, chain] -> [n, vocab]; -1 tokens dropped
+    columns = jnp.where(chain_tokens >= 0, chain_tokens, vocab)
+    return jnp.zeros((n, vocab + 1), values.dtype).at[rows, columns].max(values)[:, :vocab]
 
-  table: the biasing phrases.
-  bonus_per_token: delta (a float or a traced scalar).
-  prefix_table: optional carrier phrases whose completion turns the multiplier on.
-  prefix_multiplier: lambda.
-  """
-  table: PhraseTable
-  bonus_per_token: Any
-  prefix_table: PhraseTable | None = None
-  prefix_multiplier: Any = 1.0
-
-  def __post_init__(self):
-    if self.prefix_table is not None and self.prefix_table.vocab_size != self.table.vocab_size:
-      raise ValueError(f"prefix_table.vocab_size={self.prefix_table.vocab_size} differs from the phrase table's "
-                       f"{self.table.vocab_size}.")
-    if isinstance(self.prefix_multiplier, (int, float)):
-      if not self.prefix_multiplier > 0:
-        raise ValueError(f"prefix_multiplier must be > 0, got {self.prefix_multiplier}.")
-      if self.prefix_table is None and self.prefix_multiplier != 1.0:
-        raise ValueError(f"prefix_multiplier={self.prefix_multiplier} needs a prefix_table.")
-
-  def _batch_size(self) -> int | None:
-    sizes = {t.lengths.shape[0] for t in (self.table, self.prefix_table) if t is not None and t.batched}
-    if len(sizes) > 1:
-      raise ValueError(f"table and prefix_table have different batch sizes {sorted(sizes)}.")
-    return sizes.pop() if sizes else None
-
-  def _apply(self, method: str, state: KmpState, *args: jax.Array) -> Any:
-    """Runs _Scorer.method with states flattened to [n, ...] (vmapped over a batched table's axis)."""
-    shape = state.active.shape
-    batch = self._batch_size()
-
-    def run(table, prefix_table, state, *args):
-      scorer = _Scorer(table, prefix_table, self.bonus_per_token, self.prefix_multiplier)
-      return getattr(scorer, method)(state, *args)
-
-    if batch is None:
-      flat = lambda x: x.reshape((math.prod(shape),) + x.shape[len(shape):])  # noqa: E731
-      out = run(self.table, self.prefix_table, jax.tree.map(flat, state), *map(flat, args))
-      return jax.tree.map(lambda x: x.reshape(shape + x.shape[1:]), out)
-    if not shape or shape[0] != batch:
-      raise ValueError(f"the phrase table holds {batch} phrase lists but the hypotheses have shape {shape}; "
-                       "their leading axis must be the batch.")
-    flat = lambda x: x.reshape((batch, math.prod(shape[1:])) + x.shape[len(shape):])  # noqa: E731
-    axis = lambda t: None if t is None or not t.batched else 0  # noqa: E731
-    out = jax.vmap(run, in_axes=(axis(self.table), axis(self.prefix_table), 0) + (0,) * len(args))(
-        self.table, self.prefix_table, jax.tree.map(flat, state), *map(flat, args))
-    return jax.tree.map(lambda x: x.reshape(shape + x.shape[2:]), out)
-
-  def init(self, shape: tuple[int, ...]) -> KmpState:
-    """Every phrase unmatched, flag off; leaves shape + [...]."""
-    shape = tuple(shape)
-    batch = self._batch_size()
-    if batch is not None and (not shape or shape[0] != batch):
-      raise ValueError(f"the phrase table holds {batch} phrase lists but the hypotheses have shape {shape}; "
-                       "their leading axis must be the batch.")
-    prefixes = 0 if self.prefix_table is None else self.prefix_table.lengths.shape[-1]
-    return KmpState(match=jnp.zeros(shape + (self.table.lengths.shape[-1],), jnp.int32),
-                    prefix_match=jnp.zeros(shape + (prefixes,), jnp.int32),
-                    active=jnp.zeros(shape, bool))
-
-  def potential(self, state: KmpState) -> jax.Array:
-    """Phi(state), [S] float32."""
-    return self._apply("potential", state)
-
-  def advance(self, state: KmpState, tokens: jax.Array) -> tuple[KmpState, jax.Array]:
-    """State after tokens [S] int32 and the bonus [S] they earn (blank: unchanged, 0)."""
-    return self._apply("advance", state, jnp.asarray(tokens, jnp.int32))
-
-  def token_bonus(self, state: KmpState) -> jax.Array:
-    """Bonus [S, vocab] of every token (blank column 0), equal to `advance`'s bonus for that token."""
-    return self._apply("token_bonus", state)
-
-  def final_bonus(self, state: KmpState) -> jax.Array:
-    """End-of-utterance correction [S]: cancels a pending partial match."""
-    return -self.potential(state)
+  chain_tokens, chain_lengths = _chains(table, match)
+  completes = (chain_lengths == table.lengths[:, None]) & (chain_lengths > 0)
+  value = table.weights[:, None] * chain_lengths.astype(jnp.float32)
+  full = scatter_max(chain_tokens, jnp.where(completes, value, 0.0))
+  raw_after = jnp.where(full > 0, full, scatter_max(chain_tokens, jnp.where(completes, 0.0, value)))
+  return raw_after, full > 0
 
 
 def kmp_fusion(table: PhraseTable, bonus_per_token: Any, mode: str = "shallow", *,
                prefix_table: PhraseTable | None = None, prefix_multiplier: Any = 1.0) -> ScoreFusion:
-  """KMP phrase boosting as a `ScoreFusion` for `beam_search` (state leaves [batch, beam, ...]).
+  """KMP phrase boosting as a `ScoreFusion` for `beam_search` (boosting.phrase_fusion over PhraseTables).
 
   Args:
     table: biasing phrases; with a leading batch axis, phrase list u biases utterance u.
@@ -476,9 +314,7 @@ def kmp_fusion(table: PhraseTable, bonus_per_token: Any, mode: str = "shallow", 
     prefix_table: optional carrier phrases ("call ", "play ") that turn on prefix_multiplier.
     prefix_multiplier: lambda, multiplies the bonuses of a phrase right after a prefix.
   """
-  booster = KmpBooster(table, bonus_per_token, prefix_table, prefix_multiplier)
-  return ScoreFusion(init=lambda batch, beam: booster.init((batch, beam)), token_bonus=booster.token_bonus,
-                     advance=booster.advance, final_bonus=booster.final_bonus, mode=mode)
+  return phrase_fusion(table, bonus_per_token, mode, prefix_table=prefix_table, prefix_multiplier=prefix_multiplier)
 
 
 def sequence_bonuses(phrases: Sequence[Sequence[int]], tokens: Sequence[int], bonus_per_token: float, *,

@@ -18,7 +18,7 @@ from flax import nnx
 from memlm_jax.decoding import kmp
 from memlm_jax.evaluation import bias_lists
 from memlm_jax.launch import asr_lib
-from memlm_jax.launch.biasing import BIAS_LISTS, KmpBiasing, kmp_sweep
+from memlm_jax.launch.biasing import BIAS_LISTS, KmpBiasing, NamBiasing, kmp_sweep
 from memlm_jax.models.transducer import Transducer
 from memlm_jax.runtime.checkpoints import Checkpointer
 from memlm_jax.evaluation import kmp_table
@@ -50,7 +50,9 @@ def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own
                      (dict(bias_lists="others"), "bias_lists must be one of"),
                      (dict(delta=-1.0), "delta must be"),
                      (dict(mode="rescore", top_k=4), "top_k=4 needs"),
-                     (dict(chain_width=0), "chain_width must be >= 1")):
+                     (dict(chain_width=0), "chain_width must be >= 1"),
+                     (dict(backend="trie"), "backend must be one of"),
+                     (dict(fanout_width=0), "fanout_width must be >= 1")):
     with pytest.raises(ValueError, match=match):
       KmpBiasing(**{"delta": 1.0, **bad})
   required = dict(model=None, task_name="t", vocabulary=None, max_audio_samples=1, max_target_length=1)
@@ -68,6 +70,9 @@ def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own
   names = [s.name for s in settings]
   assert len(set(names)) == len(names) and "" not in names
   assert KmpBiasing(0.5).name == "_kmp0.5shallow"
+  assert KmpBiasing(0.5, backend="aho_corasick").name == "_kmp0.5shallow_ac"
+  with pytest.raises(ValueError, match="needs KmpBiasing.backend 'kmp'"):
+    NamBiasing(kmp=KmpBiasing(0.5, backend="aho_corasick"), kmp_phrases="nam_top_k")
   assert KmpBiasing(0.0, "rescore", bias_lists="anti").name == ""  # off: the unbiased file
 
 
@@ -175,6 +180,17 @@ def test_delta_zero_is_the_plain_beam_search_and_a_huge_shallow_bonus_spells_an_
     # share no token, so this also shows row u of the table biases utterance u).
     assert own_hits == batch
 
+  # The Aho-Corasick backend: the same phrases from the pipeline's padded arrays, the same decoding.
+  automaton_biasing = KmpBiasing(1.0, mode, top_k, backend="aho_corasick")
+  padded = np.zeros((batch, 4, 5), np.int32)
+  padded[:, :2, :3] = tokens
+  automaton = automaton_biasing.phrase_table(padded, (padded == 0).astype(np.float32), vocab_size)
+  with_automaton = asr_lib.make_decoder(graphdef, biasing=automaton_biasing, **sizes)
+  for delta in (0.5, HUGE_DELTA):
+    for a, b in zip(with_automaton(params, audio, paddings, automaton, delta), biased(params, audio, paddings, table,
+                                                                                        delta)):
+      np.testing.assert_array_equal(a, b)
+
 
 # ----------------------------------------------------------------------------- asr_eval end to end
 
@@ -227,7 +243,8 @@ def test_asr_eval_boosts_own_or_anti_lists_names_each_run_apart_and_the_table_re
   lm_runs.parse(*config)
   references = {json.loads(line)["id"]: json.loads(line) for line in open(root / "test.jsonl")}
   # One process, one restore: the unbiased decoder and one biased decoder for both lists.
-  runs = asr_lib.asr_eval(model_dir, biasing=[None, KmpBiasing(HUGE_DELTA), KmpBiasing(HUGE_DELTA, bias_lists="anti")])
+  runs = asr_lib.asr_eval(model_dir, biasing=[None, KmpBiasing(HUGE_DELTA), KmpBiasing(HUGE_DELTA, bias_lists="anti"),
+                                              KmpBiasing(HUGE_DELTA, backend="aho_corasick")])
 
   plain, plain_rows = _results(model_dir, "")
   own, own_rows = _results(model_dir, "_kmp1000shallow")
@@ -236,7 +253,10 @@ def test_asr_eval_boosts_own_or_anti_lists_names_each_run_apart_and_the_table_re
   assert (own["biasing_delta"], own["biasing_mode"], own["biasing_top_k"], own["bias_lists"]) == (
       HUGE_DELTA, "shallow", None, "utterance")
   assert anti["bias_lists"] == "anti"
-  assert runs == {"runs": json.loads(json.dumps([plain, own, anti]))}
+  automaton, automaton_rows = _results(model_dir, "_kmp1000shallow_ac")
+  assert automaton["biasing_backend"] == "aho_corasick" and own["biasing_backend"] == "kmp"
+  assert [r["hypothesis"] for r in automaton_rows] == [r["hypothesis"] for r in own_rows]
+  assert runs == {"runs": json.loads(json.dumps([plain, own, anti, automaton]))}
   for payload in (plain, own, anti):
     assert payload["utterances"] == len(references) and {"b_wer", "u_wer"} <= set(payload)
 
@@ -255,7 +275,7 @@ def test_asr_eval_boosts_own_or_anti_lists_names_each_run_apart_and_the_table_re
 
   # The table: one row per setting, both list kinds, values from the JSON in %.
   rows = kmp_table.table_rows(kmp_table.load_results(os.path.join(model_dir, "eval"), "test", 2))
-  assert [r[0] for r in rows] == ["no biasing", "KMP shallow, delta=1000"]
+  assert [r[0] for r in rows] == ["no biasing", "KMP shallow, delta=1000", "KMP shallow, delta=1000 (Aho-Corasick)"]
   assert rows[0][1:4] == rows[0][4:] == [f"{100 * plain[m]:.2f}" for m in kmp_table.METRICS]
   assert rows[1][1:] == [f"{100 * p[m]:.2f}" for p in (own, anti) for m in kmp_table.METRICS]
   assert kmp_table_script.main([os.path.join(model_dir, "eval"), "--beam_size=2"]) == 0
@@ -269,9 +289,12 @@ def test_the_kmp_experiment_script_runs_its_sweep_in_one_process_and_prints_the_
                                                 os.path.join(lm_runs.REPO, "experiments/kmp_synthetic/run.py"))
   kmp_run = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(kmp_run)
+  eval_dir = os.path.join(model_dir, "eval")
+  for name in os.listdir(eval_dir):  # the Aho-Corasick run of the test above is not part of this sweep
+    if "_ac_" in name:
+      os.remove(os.path.join(eval_dir, name))
   tables = kmp_run.run_sweep(model_dir, ["test"], bindings + [f"kmp_sweep.shallow_deltas = [{HUGE_DELTA}]",
                                                              "kmp_sweep.rescore_deltas = [2.0]"])
-  eval_dir = os.path.join(model_dir, "eval")
   assert tables["test"] == kmp_table.format_table(kmp_table.load_results(eval_dir, "test", 2))
   assert open(os.path.join(eval_dir, "kmp_table_test.md")).read() == tables["test"] + "\n"
   assert [row[0] for row in kmp_table.table_rows(kmp_table.load_results(eval_dir, "test", 2))] == [

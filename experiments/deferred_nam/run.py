@@ -17,6 +17,7 @@ phrases NAM selected. The tables go to stdout and OUT_DIR/table.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -100,7 +101,7 @@ def _anti(setting: Any) -> Any:
   if setting is None:
     return None
   if isinstance(setting, KmpBiasing):
-    return KmpBiasing(delta=setting.delta, mode=setting.mode, top_k=setting.top_k, bias_lists="anti")
+    return dataclasses.replace(setting, bias_lists="anti")
   return NamBiasing(bias_lists="anti", kmp=setting.kmp, kmp_phrases=setting.kmp_phrases)
 
 

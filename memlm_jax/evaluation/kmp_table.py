@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 from memlm_jax.evaluation.passkey_report import markdown
 from memlm_jax.runtime import files
 
-Setting = tuple[Optional[str], Optional[int], float]  # (mode, top_k, delta); mode None = no biasing
+# (mode, top_k, delta, backend); mode None = no biasing
+Setting = tuple[Optional[str], Optional[int], float, Optional[str]]
 METRICS = ("wer", "b_wer", "u_wer")
 
 
@@ -39,24 +40,24 @@ def load_results(eval_dir: str, split: str = "test", beam_size: int = 4, step: i
 
 
 def setting_of(payload: dict) -> Setting:
-  """(mode, top_k, delta) of a payload; (None, None, 0.0) without biasing."""
+  """(mode, top_k, delta, backend) of a payload; (None, None, 0.0, None) without biasing."""
   delta = float(payload.get("biasing_delta") or 0.0)
   if delta == 0:
-    return (None, None, 0.0)
-  return (payload["biasing_mode"], payload.get("biasing_top_k"), delta)
+    return (None, None, 0.0, None)
+  return (payload["biasing_mode"], payload.get("biasing_top_k"), delta, payload.get("biasing_backend", "kmp"))
 
 
 def setting_label(setting: Setting) -> str:
-  mode, top_k, delta = setting
+  mode, top_k, delta, backend = setting
   if mode is None:
     return "no biasing"
   top = "" if top_k is None else f" top-{top_k}"
-  return f"KMP {mode}{top}, delta={delta:g}"
+  return f"KMP {mode}{top}, delta={delta:g}" + (" (Aho-Corasick)" if backend == "aho_corasick" else "")
 
 
 def _sort_key(setting: Setting) -> tuple:
-  mode, top_k, delta = setting
-  return (mode is not None, mode != "shallow", top_k or 0, delta)
+  mode, top_k, delta, backend = setting
+  return (mode is not None, mode != "shallow", top_k or 0, delta, backend not in (None, "kmp"))
 
 
 def _percent(payload: dict | None, metric: str) -> str:

@@ -20,10 +20,13 @@ from typing import Any, Sequence
 import gin
 import numpy as np
 
-from memlm_jax.decoding.kmp import PhraseTable, kmp_fusion, phrase_table_from_padded, select_phrases
+from memlm_jax.decoding.aho_corasick import PhraseAutomaton, automaton_from_padded
+from memlm_jax.decoding.boosting import phrase_fusion
+from memlm_jax.decoding.kmp import PhraseTable, phrase_table_from_padded, select_phrases
 from memlm_jax.decoding.transducer_beam import ScoreFusion
 
 BIASING_MODES = ("shallow", "rescore")
+BOOSTING_BACKENDS = ("kmp", "aho_corasick")
 BIAS_LISTS = ("utterance", "anti")
 # What the result JSON records without biasing.
 NO_BIASING = {"biasing_delta": 0.0, "biasing_mode": None, "biasing_top_k": None, "bias_lists": None}
@@ -32,7 +35,7 @@ NO_BIASING = {"biasing_delta": 0.0, "biasing_mode": None, "biasing_top_k": None,
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class KmpBiasing:
-  """KMP phrase boosting (decoding/kmp.py) of one eval run; bad values raise ValueError.
+  """Phrase boosting with the KMP rules (decoding/kmp.py) of one eval run; bad values raise ValueError.
 
   delta: bonus per matched token, >= 0; 0 = no biasing (the unbiased run and its file).
   mode: 'shallow' (the bonus of every label before pruning) or 'rescore' (of the surviving
@@ -41,15 +44,22 @@ class KmpBiasing:
   bias_lists: 'utterance' (each utterance's own "bias" list) or 'anti' (a distractor list of the
     same size drawn from the other utterances' phrases absent from its transcript,
     evaluation/bias_lists.py).
-  chain_width: fixed failure-chain width of the phrase tables (None = the phrase length of the
-    batches, which fits any phrase), so every batch shares one compilation.
+  backend: 'kmp' (decoding/kmp.py: per-step cost grows with the phrases) or 'aho_corasick'
+    (decoding/aho_corasick.py: the same bonuses, per-step cost set by the longest phrase and the
+    widest trie node, for long lists).
+  chain_width: 'kmp': fixed failure-chain width of the phrase tables (None = the phrase length of
+    the batches, which fits any phrase), so every batch shares one compilation.
+  fanout_width: 'aho_corasick': fixed children per automaton node (None = the widest node of each
+    batch's lists rounded up to a power of two: a new compilation when a batch needs a wider one).
   anti_seed: seed of the anti-biasing draw.
   """
   delta: float = gin.REQUIRED
   mode: str = "shallow"
   top_k: int | None = None
   bias_lists: str = "utterance"
+  backend: str = "kmp"
   chain_width: int | None = None
+  fanout_width: int | None = None
   anti_seed: int = 0
 
   def __post_init__(self):
@@ -62,8 +72,11 @@ class KmpBiasing:
     if self.top_k is not None and (self.mode != "shallow" or self.top_k < 1):
       raise ValueError(f"KmpBiasing.top_k={self.top_k} needs mode 'shallow' and a value >= 1 (or None for all "
                        "labels).")
-    if self.chain_width is not None and self.chain_width < 1:
-      raise ValueError(f"KmpBiasing.chain_width must be >= 1 (or None), got {self.chain_width}.")
+    if self.backend not in BOOSTING_BACKENDS:
+      raise ValueError(f"KmpBiasing.backend must be one of {BOOSTING_BACKENDS}, got {self.backend!r}.")
+    for name in ("chain_width", "fanout_width"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"KmpBiasing.{name} must be >= 1 (or None), got {getattr(self, name)}.")
 
   # A KMP setting boosts in the search only; the encoder reads no phrases.
   uses_context = False
@@ -74,26 +87,29 @@ class KmpBiasing:
 
   @property
   def name(self) -> str:
-    """File-name part: '' when off, else e.g. '_kmp0.5shallow', '_kmp1shallow_top8', '_kmp2rescore_anti'."""
+    """File-name part: '' when off, else e.g. '_kmp0.5shallow', '_kmp1shallow_top8', '_kmp2rescore_anti',
+    '_kmp0.5shallow_ac' (backend 'aho_corasick')."""
     if not self.enabled:
       return ""
     top = "" if self.top_k is None else f"_top{self.top_k}"
     anti = "_anti" if self.bias_lists == "anti" else ""
-    return f"_kmp{self.delta:g}{self.mode}{top}{anti}"
+    backend = "_ac" if self.backend == "aho_corasick" else ""
+    return f"_kmp{self.delta:g}{self.mode}{top}{anti}{backend}"
 
   @property
   def decoder_key(self) -> tuple:
     """What the compiled decoder depends on (delta, lists and seed are its inputs)."""
-    return ("kmp", self.mode, self.top_k)
+    return ("kmp", self.mode, self.top_k, self.backend)
 
   def summary(self) -> dict[str, Any]:
     """The settings the result JSON records (NO_BIASING when off)."""
     if not self.enabled:
       return dict(NO_BIASING)
     return {"biasing_delta": float(self.delta), "biasing_mode": self.mode, "biasing_top_k": self.top_k,
-            "bias_lists": self.bias_lists}
+            "bias_lists": self.bias_lists, "biasing_backend": self.backend}
 
-  def phrase_table(self, bias_tokens: np.ndarray, bias_paddings: np.ndarray, vocab_size: int) -> PhraseTable:
+  def phrase_table(self, bias_tokens: np.ndarray, bias_paddings: np.ndarray,
+                   vocab_size: int) -> PhraseTable | PhraseAutomaton:
     """A batch's phrase table (host arrays), row u biasing utterance u.
 
     Args:
@@ -101,17 +117,24 @@ class KmpBiasing:
       bias_paddings: [batch, phrases, phrase_len], 1.0 = padded.
       vocab_size: the model's vocabulary size.
     Returns:
-      PhraseTable [batch, phrases, phrase_len, chain_width].
+      'kmp': PhraseTable [batch, phrases, phrase_len, chain_width]; 'aho_corasick': PhraseAutomaton
+      [batch, 1 + phrases * phrase_len nodes] (one shape for every batch of this shape).
     """
-    return phrase_table_from_padded(bias_tokens, np.asarray(bias_paddings) == 0, vocab_size,
+    mask = np.asarray(bias_paddings) == 0
+    if self.backend == "aho_corasick":
+      return automaton_from_padded(bias_tokens, mask, vocab_size, fanout_width=self.fanout_width)
+    return phrase_table_from_padded(bias_tokens, mask, vocab_size,
                                     chain_width=self.chain_width or np.shape(bias_tokens)[-1])
 
-  def fusion(self, table: PhraseTable, delta: Any, selected: Any = None) -> ScoreFusion:
+  def fusion(self, table: PhraseTable | PhraseAutomaton, delta: Any, selected: Any = None) -> ScoreFusion:
     """The beam search's ScoreFusion (called inside the jitted decoder; delta may be traced), boosting
-    the rows `selected` [batch, K] of the table (None: all of them)."""
+    the rows `selected` [batch, K] of a KMP table (None: all of them)."""
     if selected is not None:
+      if not isinstance(table, PhraseTable):
+        raise ValueError("boosting only the selected phrases needs KmpBiasing.backend 'kmp' (its table's rows can be "
+                         f"gathered on the device), got {self.backend!r}.")
       table = select_phrases(table, selected)
-    return kmp_fusion(table, delta, self.mode)
+    return phrase_fusion(table, delta, self.mode)
 
 
 NAM_KMP_PHRASES = ("all", "nam_top_k")
@@ -151,6 +174,10 @@ class NamBiasing:
                        "instead of KmpBiasing.bias_lists.")
     if self.kmp_phrases != "all" and self.kmp is None:
       raise ValueError(f"NamBiasing.kmp_phrases={self.kmp_phrases!r} needs NamBiasing.kmp (a KmpBiasing).")
+    if self.kmp_phrases == "nam_top_k" and self.kmp.backend != "kmp":
+      raise ValueError(f"NamBiasing.kmp_phrases='nam_top_k' gathers NAM's K phrases from a KMP table on the device; "
+                       f"it needs KmpBiasing.backend 'kmp', got {self.kmp.backend!r} (NAM's K phrases are few: "
+                       "KMP's cost over them is small).")
 
   @property
   def _kmp(self) -> KmpBiasing | None:
@@ -179,10 +206,11 @@ class NamBiasing:
     return {**kmp, "bias_lists": self.bias_lists, "nam": True,
             "nam_kmp_phrases": None if self._kmp is None else self.kmp_phrases}
 
-  def phrase_table(self, bias_tokens: np.ndarray, bias_paddings: np.ndarray, vocab_size: int) -> PhraseTable:
+  def phrase_table(self, bias_tokens: np.ndarray, bias_paddings: np.ndarray,
+                   vocab_size: int) -> PhraseTable | PhraseAutomaton:
     return self.kmp.phrase_table(bias_tokens, bias_paddings, vocab_size)
 
-  def fusion(self, table: PhraseTable, delta: Any, selected: Any = None) -> ScoreFusion:
+  def fusion(self, table: PhraseTable | PhraseAutomaton, delta: Any, selected: Any = None) -> ScoreFusion:
     """KMP fusion over the whole table, or (kmp_phrases 'nam_top_k') over the rows NAM `selected` [batch, K]."""
     return self._kmp.fusion(table, delta, selected if self.kmp_phrases == "nam_top_k" else None)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable, Iterable, Sequence
 
 import gin
@@ -153,6 +154,7 @@ class _SplitDecoder:
     self.search = search
     self._decoders: dict[Any, Decoder] = {}
     self._anti: dict[int, tuple[dict[str, list[str]], dict[str, list[int]]]] = {}
+    self._spelled: set[str] = set()
 
   def _decoder(self, biasing: Biasing | None) -> Decoder:
     key = None if biasing is None else biasing.decoder_key
@@ -204,8 +206,9 @@ class _SplitDecoder:
       used = {p for row in rows for p in row["biasing_phrases"]}
       tokens, paddings = bias_lists.phrase_arrays([[phrase_tokens[p] for p in row["biasing_phrases"]] for row in rows],
                                                   *tokens.shape[1:], utterance_ids=[str(row["id"]) for row in rows])
-    for phrase in sorted(used):
+    for phrase in sorted(used - self._spelled):  # each phrase once per split: lists can hold 20,000
       bias_lists.check_spelling(phrase, phrase_tokens[phrase], self.vocabulary)
+      self._spelled.add(phrase)
     inputs = {}
     if biasing.uses_context:
       inputs.update(self._global({"bias_tokens": tokens, "bias_paddings": paddings}))
@@ -214,24 +217,33 @@ class _SplitDecoder:
       inputs["delta"] = np.float32(biasing.delta)
     return decode(self.restored.params, audio["audio"], audio["audio_paddings"], **inputs)
 
-  def rows(self, biasing: Biasing | None) -> list[dict]:
-    """{id, reference, bias, hypothesis[, biasing_phrases]} of every utterance of the split."""
+  def rows(self, biasing: Biasing | None) -> tuple[list[dict], dict[str, float]]:
+    """{id, reference, bias, hypothesis[, biasing_phrases]} of every utterance of the split, and this
+    host's decoding time: {decode_seconds (every batch: phrase tables, search, detokenizing; not
+    reading the data), first_batch_seconds (the share of the first batch, which compiles the decoder
+    when it is new), batches}."""
     rows = []
     partitioner = self.restored.partitioner
+    timing = {"decode_seconds": 0.0, "first_batch_seconds": 0.0, "batches": 0}
     with partitioner.context():
       for batch in self.batches():
+        start = time.perf_counter()
         batch_rows = _batch_rows(batch)
         tokens, lengths = (partitioner.host_rows(x) for x in self._decode_batch(batch, batch_rows, biasing))
         for i, row in enumerate(batch_rows):
           if row.pop("real"):
             row["hypothesis"] = self.vocabulary.decode([int(t) for t in tokens[i, :lengths[i]]])
             rows.append(row)
+        seconds = time.perf_counter() - start
+        timing["decode_seconds"] += seconds
+        timing["first_batch_seconds"] = timing["first_batch_seconds"] or seconds
+        timing["batches"] += 1
         logging.info("decoded %d utterances", len(rows))
     shard = partitioner.data_shard  # every shard's rows, in the split's order
     rows = multihost.interleave(multihost.gather_shards(rows, shard))
     for index, row in enumerate(rows):
       row["id"] = str(index) if row["id"] is None else row["id"]
-    return rows
+    return rows, timing
 
 
 def _wer_summary(rows: Sequence[dict]) -> dict[str, Any]:
@@ -299,7 +311,7 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
   payloads = []
   for setting in settings:
     setting = setting if setting is not None and setting.enabled else None
-    rows = decoder.rows(setting)
+    rows, timing = decoder.rows(setting)
     if not rows:
       raise ValueError(f"split {split!r} of task {task_name!r} has no utterances.")
     biasing_summary = NO_BIASING if setting is None else setting.summary()
@@ -309,7 +321,7 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
                 **biasing_summary}
     payload = {"task": task_name, "split": split, "step": restored.step, "utterances": len(rows),
                "beam_size": beam_size, "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
-               "settings": settings, **_wer_summary(rows), **biasing_summary}
+               "settings": settings, **_wer_summary(rows), **biasing_summary, "timing": timing}
     if jax.process_index() == 0:
       name = settings_name(f"asr_{split}_beam{beam_size}{_method_name(beam_method)}"
                            f"{'' if setting is None else setting.name}", settings, restored.step)

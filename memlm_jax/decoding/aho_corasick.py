@@ -274,7 +274,8 @@ def automaton_from_padded(tokens: np.ndarray, mask: np.ndarray, vocab_size: int,
       root_children=np.stack([b["root_children"] for b in built]).astype(np.int32))
   if not batched:
     arrays = {k: v[0] for k, v in arrays.items()}
-  return PhraseAutomaton(**{k: jnp.asarray(v) for k, v in arrays.items()}, vocab_size=int(vocab_size),
+  # device_put, not jnp.asarray: the latter compiles a copy for every new array shape.
+  return PhraseAutomaton(**jax.device_put(arrays), vocab_size=int(vocab_size),
                          max_depth=max(1, tokens.shape[-1]), fanout_width=int(fanout_width))
 
 

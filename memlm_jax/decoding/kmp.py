@@ -209,12 +209,11 @@ def phrase_table_from_padded(tokens: np.ndarray, mask: np.ndarray, vocab_size: i
   rows = np.arange(len(flat_tokens))[:, None, None]
   chain_tokens = np.where(chain >= 0, flat_tokens[rows, np.maximum(chain, 0)], -1)
   shape = tokens.shape + (chain_width,)
-  return PhraseTable(tokens=jnp.asarray(flat_tokens.reshape(tokens.shape)),
-                     lengths=jnp.asarray(lengths, jnp.int32),
-                     weights=jnp.asarray(weights),
-                     chain_tokens=jnp.asarray(chain_tokens.reshape(shape), jnp.int32),
-                     chain_lengths=jnp.asarray((chain + 1).reshape(shape), jnp.int32),
-                     vocab_size=int(vocab_size))
+  arrays = dict(tokens=flat_tokens.reshape(tokens.shape), lengths=lengths.astype(np.int32),
+                weights=weights.astype(np.float32), chain_tokens=chain_tokens.reshape(shape).astype(np.int32),
+                chain_lengths=(chain + 1).reshape(shape).astype(np.int32))
+  # device_put, not jnp.asarray: the latter compiles a copy for every new array shape.
+  return PhraseTable(**jax.device_put(arrays), vocab_size=int(vocab_size))
 
 
 def _table_from_lists(phrase_lists: Sequence[Sequence[Sequence[int]]], names: Sequence[Sequence[str]],

@@ -160,6 +160,10 @@ def test_bench_kmp_quick_writes_consistent_records(tmp_path):
     assert r["ac_num_nodes"] >= r["trie_nodes"] > 1
     assert min(r["unbiased_ms_per_step"], r["baseline_ms_per_step"]) > 0
     assert 0 < r["baseline_host_ms_per_step"] < r["baseline_ms_per_step"]
+    added = r["decode_step"]["ac_ms_per_step"] - r["decode_step"]["unbiased_ms_per_step"]
+    assert r["decode_step"]["ac_boosting_ms_per_step"] == pytest.approx(added)
+    assert r["ac_boosting_speedup_vs_baseline"] == (pytest.approx(r["baseline_host_ms_per_step"] / added) if added > 0
+                                                    else None)
     for name in ("kmp", "ac") if kmp_timed else ("ac",):
       ms = r[f"{name}_ms_per_step"]
       assert ms > 0 and ms == pytest.approx(np.median(r[f"all_{name}_ms_per_step"]))

@@ -83,6 +83,8 @@ def test_a_sweep_lists_no_biasing_then_every_delta_of_each_mode_for_each_list_ki
   assert [s.name for s in settings[1:]] == ["_kmp0.5shallow_top8", "_kmp1shallow_top8", "_kmp2rescore",
                                             "_kmp0.5shallow_top8_anti", "_kmp1shallow_top8_anti", "_kmp2rescore_anti"]
   assert {s.anti_seed for s in settings[1:]} == {3}
+  gin.parse_config("KmpBiasing.backend = 'aho_corasick'")  # the KMP experiment with the other backend
+  assert {s.name[-3:] for s in kmp_sweep(shallow_deltas=[0.5], rescore_deltas=[2.0])[1:]} == {"_ac"}
   assert len({s.decoder_key for s in settings[1:]}) == 2  # one compiled decoder per mode
 
 

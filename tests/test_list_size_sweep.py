@@ -45,6 +45,7 @@ def test_lists_hold_the_spoken_entities_then_distractors_and_nest(tmp_path):
       invented = [p for p in distractors if p not in {"bobo lati", "kiru sem", "zuma", "mika dore", "feno", "rasi"}]
       assert not {w for p in invented for w in p.split()} & transcripts
       assert row["text"] == original["text"] and row["entities"] == original["entities"]
+      assert os.path.normpath(os.path.join(os.path.dirname(paths[n]), row["audio"])) == str(tmp_path / "a.wav")
   for small, large in ((2, 5), (5, 40)):  # a shorter list is a prefix of a longer one
     for a, b in zip(lists[small], lists[large]):
       assert b["bias"][:small] == a["bias"]

@@ -89,7 +89,9 @@ def write_lists(data_dir: str, sizes: Sequence[int], seed: int = 0) -> dict[int,
     for row, order in zip(test, orders):
       spoken = list(row["entities"])
       distractors = [pool[i] for i in order[:size + len(spoken)] if pool[i] not in spoken][:size - len(spoken)]
-      lines.append(json.dumps({**row, "bias": spoken + distractors}) + "\n")
+      audio = row["audio"] if os.path.isabs(row["audio"]) else os.path.relpath(os.path.join(data_dir, row["audio"]),
+                                                                               out_dir)  # relative to the new manifest
+      lines.append(json.dumps({**row, "audio": audio, "bias": spoken + distractors}) + "\n")
     paths[size] = os.path.join(out_dir, f"test_list{size}.jsonl")
     files.write_atomic(paths[size], "".join(lines))
   return paths

@@ -21,18 +21,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import gin  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import seqio  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from memlm_jax import gin_utils  # noqa: E402
-from memlm_jax import registry  # noqa: E402,F401  (every gin configurable)
-from memlm_jax.data import speech, speech_features  # noqa: E402
 from memlm_jax.launch import asr_lib  # noqa: E402
-from memlm_jax.models.transducer import Transducer  # noqa: E402
-from memlm_jax.runtime.checkpoints import warm_start_params  # noqa: E402
+from scripts.transducer_probe import restored_transducer_and_batch  # noqa: E402
 
 
 def summarize(references: Sequence[str], hypotheses: Sequence[str], reference_nll: np.ndarray,
@@ -55,23 +49,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--beam_size", type=int, default=4)
   parser.add_argument("--binding", action="append", default=[])
   args = parser.parse_args(argv)
-  gin_utils.parse_gin(["runs/train.gin", args.config], [f"MODEL_DIR = {args.model_dir!r}", *args.binding],
-                      [os.path.join(REPO, "configs"), REPO])
-  task = speech.manifest_task()
-  vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
-  max_audio, max_target = gin.query_parameter("%MAX_AUDIO_SAMPLES"), gin.query_parameter("%MAX_TARGET_LENGTH")
-  host = next(speech_features.speech_batches(task, args.split, args.batch_size, max_audio, max_target, shuffle=False,
-                                             include_text=True))
-  batch = {k: jnp.asarray(host[k]) for k in ("audio", "audio_paddings", "targets", "target_paddings")}
-  with nnx.use_eager_sharding(False):
-    model = Transducer(rngs=nnx.Rngs(0))
-  params = nnx.state(model, nnx.Param)
-  restored, left_at_init = warm_start_params(args.model_dir, params.to_pure_dict())
-  if left_at_init:
-    print(f"error: {args.model_dir} lacks {left_at_init[:3]}...; was it trained with {args.config}?", file=sys.stderr)
+  try:
+    model, host, vocabulary = restored_transducer_and_batch(args.config, args.model_dir, args.split, args.batch_size,
+                                                            args.binding, include_text=True)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
     return 1
-  nnx.replace_by_pure_dict(params, restored)
-  nnx.update(model, params)
+  max_target = host["targets"].shape[1]
+  batch = {k: jnp.asarray(host[k]) for k in ("audio", "audio_paddings", "targets", "target_paddings")}
   graphdef, state = nnx.split(model)
   decode = asr_lib.make_decoder(graphdef, beam_size=args.beam_size, max_symbols_per_frame=32,
                                 max_output_length=max_target)

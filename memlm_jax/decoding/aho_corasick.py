@@ -245,10 +245,10 @@ def automaton_from_padded(tokens: np.ndarray, mask: np.ndarray, vocab_size: int,
     num_nodes: node slots; None = 1 + phrases * max_len (the most a list of this shape can need,
       so every batch of one shape shares one compilation).
   """
-  tokens, mask, lengths, weights = check_padded_phrases(tokens, mask, vocab_size, weights)
+  tokens, _, lengths, weights = check_padded_phrases(tokens, mask, vocab_size, weights)
   batched = tokens.ndim == 3
   if not batched:
-    tokens, mask, lengths, weights = tokens[None], mask[None], lengths[None], weights[None]
+    tokens, lengths, weights = tokens[None], lengths[None], weights[None]
   capacity = 1 + tokens.shape[1] * tokens.shape[2]
   num_nodes = capacity if num_nodes is None else num_nodes
   built = [_build(t, n, w, vocab_size) for t, n, w in zip(tokens, lengths, weights)]

@@ -165,10 +165,13 @@ def np_rope(x: np.ndarray, max_wavelength: float = 10_000.0) -> np.ndarray:
   return np.concatenate([a * c - e * s, e * c + a * s], axis=-1)
 
 
-def test_self_attention_matches_a_softmax_reference():
-  """SelfAttention (LayerNorm, then MultiHeadAttention under a key padding mask) == softmax attention over the
-  valid frames written out in NumPy from the layer's own weights; padded query rows are zero."""
-  attention = build(SelfAttention, 16, 2, dropout_rate=0.0, dtype=jnp.float32, seed=4)
+@pytest.mark.parametrize("attention_context", [None, (2, 1), (-1, 0), (1, -1), (0, 0)])
+def test_self_attention_matches_a_softmax_reference(attention_context):
+  """SelfAttention (LayerNorm, then MultiHeadAttention under a key padding mask and an optional window of
+  (left, right) frames) == softmax attention over the valid frames in the window, written out in NumPy from
+  the layer's own weights with a loop over frame pairs; padded query rows are zero."""
+  attention = build(SelfAttention, 16, 2, dropout_rate=0.0, dtype=jnp.float32, seed=4,
+                    attention_context=attention_context)
   rng = np.random.default_rng(4)
   frames = 7
   paddings = paddings_for([7, 4], frames)
@@ -180,7 +183,10 @@ def test_self_attention_matches_a_softmax_reference():
              for proj in (mha.query, mha.key, mha.value))
   scores = np.einsum("bqhd,bkhd->bhqk", np_rope(q), np_rope(k)) / np.sqrt(q.shape[-1])
   valid = paddings == 0
-  scores = np.where(valid[:, None, None, :], scores, -np.inf)
+  left, right = attention_context or (-1, -1)
+  in_window = np.array([[(left < 0 or k >= q - left) and (right < 0 or k <= q + right) for k in range(frames)]
+                        for q in range(frames)])
+  scores = np.where(valid[:, None, None, :] & in_window[None, None], scores, -np.inf)
   weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
   weights /= weights.sum(axis=-1, keepdims=True)
   want = np.einsum("bhqk,bkhd,hde->bqe", weights, v, np.asarray(mha.out.kernel[...], np.float64))
@@ -206,6 +212,30 @@ def test_encoder_valid_outputs_ignore_padded_inputs_and_padded_outputs_are_zero(
   # frames' = (((33 - 3) // 2 + 1) - 3) // 2 + 1 = 7; valid counts follow the same formula per row.
   assert out.shape == (3, 7, 16)
   assert [num_valid(p) for p in out_paddings] == [4, 7, 2]
+
+
+def test_encoder_attention_context_bounds_the_lookahead():
+  """With a right context of r frames and pointwise convolutions, a valid output frame t of an L-block
+  encoder cannot depend on subsampled frames after t + L * r: changing the input features there leaves
+  frames <= t unchanged, while the unlimited encoder's first frame moves."""
+  rng = np.random.default_rng(5)
+  features = rng.standard_normal((1, 64, 16)).astype(np.float32)
+  paddings = jnp.zeros((1, 64), jnp.float32)
+  changed = features.copy()
+  changed[0, 48:] = rng.standard_normal((16, 16))  # subsampled frames 11.. (frame j reads inputs 4j .. 4j + 6)
+  for attention_context, should_move in [((-1, 1), False), (None, True)]:
+    encoder = tiny_encoder(seed=5, conv_kernel=1, attention_context=attention_context)
+    out, _ = forward(encoder, jnp.asarray(features), paddings)
+    moved, _ = forward(encoder, jnp.asarray(changed), paddings)
+    # frames <= 8 see subsampled frames <= 8 + 2 * 1 = 10, whose inputs end at feature frame 46.
+    delta = np.max(np.abs(np.asarray(moved)[0, :9] - np.asarray(out)[0, :9]))
+    assert (delta > 1e-4) == should_move, (attention_context, delta)
+
+
+@pytest.mark.parametrize("bad", [(1,), (1, 2, 3), (-2, 0), (0.5, 1), "ab"])
+def test_attention_context_rejects_bad_windows(bad):
+  with pytest.raises(ValueError, match="attention_context"):
+    tiny_encoder(attention_context=bad)
 
 
 # ----------------------------------------------------------------------------------------------------------------

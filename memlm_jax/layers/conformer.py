@@ -2,7 +2,7 @@
 
   features [batch, frames, bins] --ConvSubsampling--> [batch, frames', model_dim]
   each ConformerBlock:  x = x + 0.5 * FFN(x)
-                        x = x + MHSA(x)         bidirectional, RoPE, key padding mask
+                        x = x + MHSA(x)         bidirectional (or a window of frames), RoPE, key padding mask
                         x = x + Conv(x)         padded frames zeroed before the depthwise conv
                         x = x + 0.5 * FFN(x)
                         x = LayerNorm(x)
@@ -194,13 +194,46 @@ class FeedForward(nnx.Module):
     return self.dropout(self.down(hidden), deterministic=deterministic, rngs=rngs)
 
 
-class SelfAttention(nnx.Module):
-  """Pre-norm bidirectional multi-head self-attention with RoPE over the valid frames."""
+def check_attention_context(owner: str, attention_context: Sequence[int] | None) -> tuple[int, int] | None:
+  """(left, right) frames each query may attend to around itself, -1 for unlimited; None: all frames."""
+  if attention_context is None:
+    return None
+  context = tuple(attention_context)
+  if len(context) != 2 or any(not isinstance(n, int) or isinstance(n, bool) or n < -1 for n in context):
+    raise ValueError(f"{owner}.attention_context must be None or (left, right) frames, each an int >= 0 or -1 "
+                     f"(unlimited), got {attention_context!r}.")
+  return context
 
-  def __init__(self, dim: int, num_heads: int, *, dropout_rate: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+
+def attention_window_mask(frames: int, attention_context: tuple[int, int] | None) -> jax.Array | None:
+  """[frames, frames] bool: query q may see key k when q - left <= k <= q + right (-1: no bound)."""
+  if attention_context is None or attention_context == (-1, -1):
+    return None
+  left, right = attention_context
+  offset = jnp.arange(frames)[None, :] - jnp.arange(frames)[:, None]  # key - query
+  allowed = jnp.ones((frames, frames), bool)
+  if left >= 0:
+    allowed &= offset >= -left
+  if right >= 0:
+    allowed &= offset <= right
+  return allowed
+
+
+class SelfAttention(nnx.Module):
+  """Pre-norm multi-head self-attention with RoPE over the valid frames.
+
+  Bidirectional over the whole utterance by default; `attention_context = (left, right)` limits each
+  frame to the `left` frames before it and the `right` frames after it (-1: unlimited), as NeMo's
+  `att_context_size`. A limited right context keeps the transducer's emissions near the sound they
+  transcribe instead of letting every frame read the whole utterance.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, dropout_rate: float, dtype: jnp.dtype, rngs: nnx.Rngs,
+               attention_context: Sequence[int] | None = None):
     if dim % num_heads or (dim // num_heads) % 2:
       raise ValueError(f"SelfAttention: model_dim={dim} must split into num_heads={num_heads} heads of even "
                        f"size (RoPE), got head_dim={dim / num_heads:g}.")
+    self.attention_context = check_attention_context("SelfAttention", attention_context)
     self.norm = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.attention = MultiHeadAttention(dim, num_heads, dim // num_heads, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
@@ -209,7 +242,11 @@ class SelfAttention(nnx.Module):
                rngs: nnx.Rngs | None) -> jax.Array:
     """x: [batch, frames, dim]; paddings: [batch, frames] -> [batch, frames, dim] (padded query rows are 0)."""
     valid = paddings <= 0
-    mask = (valid[:, :, None] & valid[:, None, :])[:, None]  # [batch, 1, q, k]
+    mask = valid[:, :, None] & valid[:, None, :]  # [batch, q, k]
+    window = attention_window_mask(x.shape[1], self.attention_context)
+    if window is not None:
+      mask &= window[None]
+    mask = mask[:, None]  # [batch, 1, q, k]
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), paddings.shape)
     out, _ = self.attention(self.norm(x), mask, positions)
     return self.dropout(out, deterministic=deterministic, rngs=rngs)
@@ -247,12 +284,13 @@ class ConformerBlock(nnx.Module):
   """Half-step FFN, self-attention, convolution module, half-step FFN, LayerNorm (macaron style)."""
 
   def __init__(self, model_dim: int, num_heads: int, *, ff_mult: int = 4, conv_kernel: int = 31,
-               dropout_rate: float = 0.0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               dropout_rate: float = 0.0, attention_context: Sequence[int] | None = None,
+               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     check_positive_sizes("ConformerBlock", model_dim=model_dim, num_heads=num_heads, ff_mult=ff_mult,
                          conv_kernel=conv_kernel)
     kwargs = dict(dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
     self.ffn_in = FeedForward(model_dim, ff_mult, **kwargs)
-    self.attention = SelfAttention(model_dim, num_heads, **kwargs)
+    self.attention = SelfAttention(model_dim, num_heads, attention_context=attention_context, **kwargs)
     self.conv = ConvModule(model_dim, conv_kernel, **kwargs)
     self.ffn_out = FeedForward(model_dim, ff_mult, **kwargs)
     self.final_norm = layer_norm(model_dim, dtype=dtype, rngs=rngs)
@@ -279,6 +317,10 @@ class ConformerBlock(nnx.Module):
 class ConformerEncoder(nnx.Module):
   """ConvSubsampling + `num_layers` ConformerBlocks, with optional context-injection hooks.
 
+  `attention_context = (left, right)` (subsampled frames, -1 unlimited) limits every block's
+  self-attention to a window around each frame; None attends over the whole utterance. The
+  convolution still looks (conv_kernel - 1) / 2 frames ahead per block.
+
   Context hook (for NAM / Deferred-NAM biasing): `context_module_factory(model_dim, dtype=, rngs=)`
   is called once per index in `context_layers` (block indices, 0-based, AFTER which the module
   runs). When `context` is given, after block i the encoder sets
@@ -293,11 +335,13 @@ class ConformerEncoder(nnx.Module):
 
   def __init__(self, input_dim: int = gin.REQUIRED, model_dim: int = gin.REQUIRED, num_layers: int = gin.REQUIRED,
                num_heads: int = gin.REQUIRED, *, ff_mult: int = 4, conv_kernel: int = 31, subsampling: int = 4,
-               dropout_rate: float = 0.0, context_layers: Sequence[int] = (),
+               dropout_rate: float = 0.0, attention_context: Sequence[int] | None = None,
+               context_layers: Sequence[int] = (),
                context_module_factory: ContextModuleFactory | None = None, dtype: str | jnp.dtype = "float32",
                rngs: nnx.Rngs):
     check_positive_sizes("ConformerEncoder", input_dim=input_dim, model_dim=model_dim, num_layers=num_layers,
                          num_heads=num_heads)
+    attention_context = check_attention_context("ConformerEncoder", attention_context)
     context_layers = tuple(context_layers)
     if any(not isinstance(i, int) or not 0 <= i < num_layers for i in context_layers) or (
         len(set(context_layers)) != len(context_layers)):
@@ -312,7 +356,7 @@ class ConformerEncoder(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate)
     self.blocks = nnx.List([
         ConformerBlock(model_dim, num_heads, ff_mult=ff_mult, conv_kernel=conv_kernel, dropout_rate=dropout_rate,
-                       dtype=dtype, rngs=rngs)
+                       attention_context=attention_context, dtype=dtype, rngs=rngs)
         for _ in range(num_layers)
     ])
     self.context_layers = tuple(sorted(context_layers))

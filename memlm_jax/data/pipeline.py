@@ -19,7 +19,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from memlm_jax.data import speech_features
+from memlm_jax.data import long_documents, speech_features
 from memlm_jax.runtime.checkpoints import CheckpointMismatchError
 
 
@@ -45,7 +45,9 @@ class DatasetConfig:
   # one sequence, loss on the targets only (their length: targets_length) unless
   # loss_on_targets_only is False; 'speech': speech_features.speech_dataset's batches, "audio"
   # padded to sequence_length samples (MAX_AUDIO_SAMPLES in the speech configs) and "targets"
-  # to targets_length labels, with paddings and the bias phrases as arrays.
+  # to targets_length labels, with paddings and the bias phrases as arrays; 'long_document': whole
+  # documents read in order, each batch row one document's next sequence_length tokens with a
+  # start_of_sequence flag (data/long_documents.py; the trainer then carries the model's memory).
   feature_converter: str = "decoder"
   targets_length: int = 8
   loss_on_targets_only: bool = True
@@ -58,9 +60,13 @@ class DatasetConfig:
   # e.g. train/DatasetConfig.bias_sampler = @TrainingBiasLists() (data/bias_sampling.py); None
   # keeps the task's own lists.
   bias_sampler: speech_features.BiasSampler | None = None
+  # Only with feature_converter 'long_document': documents held in the shuffle buffer (each
+  # is saved whole in every checkpoint of the reader's position, so it stays small; the
+  # source's files are shuffled as well).
+  document_shuffle_buffer: int = 16
 
   def __post_init__(self):
-    for name in ("sequence_length", "batch_size", "targets_length"):
+    for name in ("sequence_length", "batch_size", "targets_length", "document_shuffle_buffer"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         macro = {"sequence_length": " (SEQUENCE_LENGTH)", "batch_size": " (BATCH_SIZE / EVAL_BATCH_SIZE)"}.get(name, "")
@@ -119,9 +125,12 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True,
         config.mixture_or_task_name, config.split, local_batch, config.sequence_length,
         config.targets_length, shuffle=config.shuffle, seed=config.seed, num_epochs=config.num_epochs,
         drop_remainder=drop_remainder, shard_info=shard_info, bias_sampler=config.bias_sampler)
+  elif config.feature_converter == "long_document":
+    raise ValueError("DatasetConfig.feature_converter='long_document' is read by a LongDocumentReader "
+                     "(pipeline.make_iterator / long_document_reader), not as a batched dataset.")
   else:
-    raise ValueError(f"DatasetConfig.feature_converter must be 'decoder', 'prefix_lm' or 'speech', got "
-                     f"{config.feature_converter!r}.")
+    raise ValueError(f"DatasetConfig.feature_converter must be 'decoder', 'prefix_lm', 'speech' or "
+                     f"'long_document', got {config.feature_converter!r}.")
   feature_lengths.update({name: config.sequence_length for name in passthrough or {}})
   dataset = seqio.get_dataset(
       config.mixture_or_task_name,
@@ -139,6 +148,45 @@ def get_dataset(config: DatasetConfig, *, drop_remainder: bool = True,
   options.deterministic = True
   dataset = dataset.with_options(options)
   return dataset.batch(local_batch, drop_remainder=drop_remainder)
+
+
+def long_document_reader(config: DatasetConfig, shard: tuple[int, int] | None = None, *,
+                         record_documents: bool = False) -> long_documents.LongDocumentReader:
+  """Shard `shard` (see get_dataset) of the task's whole documents, read in order by batch_size /
+  shards lanes of sequence_length tokens (feature_converter 'long_document')."""
+  if config.feature_converter != "long_document":
+    raise ValueError(f"long_document_reader needs DatasetConfig.feature_converter='long_document', got "
+                     f"{config.feature_converter!r}.")
+  if config.pack:
+    raise ValueError("DatasetConfig.pack must be False for feature_converter='long_document' (a lane reads one "
+                     "document at a time; set --gin.train/DatasetConfig.pack=False).")
+  shard_info = input_shard(shard)
+  if config.batch_size % shard_info.num_shards:
+    raise ValueError(f"DatasetConfig.batch_size={config.batch_size} must be divisible by the number of input "
+                     f"shards ({shard_info.num_shards}, one per host or per group of hosts holding the same rows).")
+  task = get_task(config)
+  if config.split not in task.splits:
+    raise ValueError(f"split {config.split!r} is not in task {task.name!r} (it has {list(task.splits)}).")
+  if "targets" not in task.output_features:
+    raise ValueError(f"task {task.name!r} has no 'targets' feature for the long-document reader (it has "
+                     f"{sorted(task.output_features)}).")
+  documents = task.get_dataset(sequence_length=None, split=config.split, use_cached=config.use_cached,
+                               shuffle=config.shuffle, shuffle_buffer_size=config.document_shuffle_buffer,
+                               seed=config.seed, shard_info=shard_info, num_epochs=config.num_epochs)
+  kept = [name for name in ("targets", "title", "num_words") if name in documents.element_spec]
+  documents = documents.map(lambda document: {name: document[name] for name in kept})
+  options = tf.data.Options()
+  options.deterministic = True
+  return long_documents.LongDocumentReader(documents.with_options(options), config.batch_size // shard_info.num_shards,
+                                           config.sequence_length, record_documents=record_documents)
+
+
+def make_iterator(config: DatasetConfig, shard: tuple[int, int] | None = None
+                  ) -> TfDataIterator | long_documents.LongDocumentReader:
+  """The checkpointable training iterator of `config`: batches of shard `shard` (see get_dataset)."""
+  if config.feature_converter == "long_document":
+    return long_document_reader(config, shard)
+  return TfDataIterator(get_dataset(config, shard=shard))
 
 
 def _passthrough_specs(config: DatasetConfig,

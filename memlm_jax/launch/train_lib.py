@@ -97,12 +97,19 @@ def _train(model_dir: str, *, model, train_steps, train_dataset, schedule, optim
   tx = optimizer(schedule=schedule)
   model_fn = lambda rngs: model(rngs=rngs)  # noqa: E731
   graphdef, abstract_params = train_state_lib.abstract_model(model_fn, seed)
-  abstract_state, shardings = parts.train_state_shardings(abstract_params, tx)
+  abstract_carry = None
+  if train_dataset.feature_converter == "long_document":  # lanes read documents in order: carry the memory
+    abstract_carry = train_state_lib.abstract_carry(model_fn, train_dataset.batch_size)
+    if abstract_carry is None:
+      name = getattr(model, "__name__", type(model).__name__)
+      raise ValueError(f"{name} cannot be trained with feature_converter='long_document': it has no init_carry / "
+                       "carried_loss (the state it carries from one chunk of a document to the next).")
+  abstract_state, shardings = parts.train_state_shardings(abstract_params, tx, abstract_carry)
   trainer = Trainer(graphdef, tx, schedule, parts, shardings, accum_steps=accum_steps, dropout_seed=seed + 1)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   logging.info("Model: %d parameters; mesh %s.", num_params, dict(parts.mesh.shape))
 
-  iterator = pipeline.TfDataIterator(pipeline.get_dataset(train_dataset, shard=parts.data_shard))
+  iterator = pipeline.make_iterator(train_dataset, shard=parts.data_shard)
   ckpt = checkpointer(os.path.join(model_dir, "checkpoints"))
   try:
     restored = gin_utils.restore_or_explain(lambda: ckpt.restore_latest(abstract_state, iterator), model_dir)
@@ -113,7 +120,8 @@ def _train(model_dir: str, *, model, train_steps, train_dataset, schedule, optim
     gin_utils.write_config(model_dir, "config.gin", gin.config_str())
   if restored is None:
     with parts.context():
-      state = train_state_lib.init_train_state(model_fn, tx, shardings, seed)
+      state = train_state_lib.init_train_state(
+          model_fn, tx, shardings, seed, carry_batch_size=None if abstract_carry is None else train_dataset.batch_size)
     start = 0
     logging.info("No checkpoint in %s: initialised from seed %d.", model_dir, seed)
     if init_from:

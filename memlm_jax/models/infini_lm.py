@@ -11,6 +11,11 @@ Training batches come from seqio's DecoderFeatureConverter unpacked (pack=False)
 Decoding interface (DecodingMode.MEMORY_STREAM): `init_memory(batch)` and the call
 `(tokens, memory, mask) -> (logits, memory)` over whole segments; `streaming_apply_fn`
 wraps it for decoding.lm_decoding.MemoryStreamer.
+
+Training over whole documents (data/long_documents.py): `init_carry(batch)` and
+`carried_loss(batch, carry)` take the memory from the previous step and return the memory after
+this one; a lane whose `start_of_sequence` is 1 starts from an empty memory. The trainer passes the
+memory on as data, so gradients stop at the step boundary (Transformer-XL / meliad style).
 """
 
 from __future__ import annotations
@@ -153,6 +158,35 @@ class InfiniTransformerLM(DecoderLMBase):
     logits, _ = self(batch["decoder_input_tokens"], mask=targets != 0, write_weights=batch.get(WRITE_WEIGHTS),
                      deterministic=deterministic, rngs=rngs)
     return weighted_cross_entropy(logits, targets, batch["decoder_loss_weights"])
+
+
+  def init_carry(self, batch_size: int) -> Memory:
+    """The state carried between training steps over long documents: an empty memory."""
+    return self.init_memory(batch_size)
+
+  def carried_loss(self, batch: Mapping[str, jax.Array], carry: Memory, *, per_row: bool = False,
+                   deterministic: bool = True, rngs: nnx.Rngs | None = None
+                   ) -> tuple[dict[str, jax.Array], Memory]:
+    """The loss sums of one chunk of each lane's document, reading from and writing to the carried memory.
+
+    Args:
+      batch: the long-document reader's features: decoder_input_tokens, decoder_target_tokens,
+        decoder_loss_weights [batch, time] and start_of_sequence [batch] (1: the lane begins a
+        document and its memory is reset first).
+      carry: the memory after the previous step (`init_carry` at the start).
+      per_row: sums per lane ([batch]) instead of scalars (per-document evaluation).
+    Returns:
+      (loss_sum, weight_sum, correct_sum; the memory after this chunk).
+    """
+    targets = batch["decoder_target_tokens"]
+    reset = batch["start_of_sequence"].astype(bool)
+    empty = self.init_memory(targets.shape[0])
+    memory = jax.tree.map(lambda old, new: jnp.where(reset.reshape(-1, *(1,) * (old.ndim - 1)), new, old),
+                          carry, empty)
+    logits, memory = self(batch["decoder_input_tokens"], memory, mask=targets != 0, deterministic=deterministic,
+                          rngs=rngs)
+    sums = weighted_cross_entropy(logits, targets, batch["decoder_loss_weights"], per_row=per_row)
+    return sums, jax.lax.stop_gradient(memory)
 
 
 def streaming_apply_fn(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, Memory]]:

@@ -196,6 +196,20 @@ class TransformerLM(DecoderLMBase):
     logits = self(batch["decoder_input_tokens"], segment_ids, positions, deterministic=deterministic, rngs=rngs)
     return weighted_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
 
+  def init_carry(self, batch_size: int) -> tuple:
+    """Nothing is carried between steps over long documents: each chunk is read on its own."""
+    del batch_size
+    return ()
+
+  def carried_loss(self, batch: Mapping[str, jax.Array], carry: tuple, *, per_row: bool = False,
+                   deterministic: bool = True, rngs: nnx.Rngs | None = None) -> tuple[dict[str, jax.Array], tuple]:
+    """The loss sums of one chunk per lane of the long-document reader (see InfiniTransformerLM.carried_loss),
+    attending within the chunk only: the dense model's context budget is one step."""
+    segment_ids, positions = segments_and_positions(batch)
+    logits = self(batch["decoder_input_tokens"], segment_ids, positions, deterministic=deterministic, rngs=rngs)
+    return weighted_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+                                  per_row=per_row), carry
+
 
 ExtendFn = Callable[[Any, jax.Array, Cache, jax.Array], tuple[jax.Array, Cache]]
 

@@ -183,15 +183,21 @@ class Partitioner:
 
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
-  def train_state_shardings(self, abstract_params: nnx.State, optimizer: optax.GradientTransformation
-                            ) -> tuple[TrainState, TrainState]:
-    """(abstract TrainState of ShapeDtypeStructs with shardings, TrainState of NamedShardings)."""
+  def train_state_shardings(self, abstract_params: nnx.State, optimizer: optax.GradientTransformation,
+                            abstract_carry: Any = None) -> tuple[TrainState, TrainState]:
+    """(abstract TrainState of ShapeDtypeStructs with shardings, TrainState of NamedShardings).
+
+    `abstract_carry`: ShapeDtypeStructs of the state carried between steps (leaves [batch, ...],
+    split over the batch like the data), or None."""
     p_shardings = self.param_shardings(abstract_params)
     pure_params = abstract_params.to_pure_dict()
     abstract_opt = jax.eval_shape(optimizer.init, pure_params)
+    carry_shardings = None if abstract_carry is None else jax.tree.map(lambda _: self.batch_sharding, abstract_carry)
     shardings = TrainState(step=self.replicated, params=p_shardings,
-                           opt_state=self.opt_state_shardings(abstract_opt, pure_params, p_shardings))
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=pure_params, opt_state=abstract_opt)
+                           opt_state=self.opt_state_shardings(abstract_opt, pure_params, p_shardings),
+                           carry=carry_shardings)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=pure_params, opt_state=abstract_opt,
+                          carry=abstract_carry)
     return with_shardings(abstract, shardings), shardings
 
   @property

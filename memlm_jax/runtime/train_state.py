@@ -29,6 +29,10 @@ class TrainState:
   step: jax.Array  # int32 scalar: number of optimizer updates applied
   params: Any
   opt_state: Any
+  # State a model carries from one step to the next (the Infini LM's memory over long documents,
+  # leaves [batch, ...]); saved with the checkpoint so a resumed run continues identically. None
+  # for models trained on independent examples.
+  carry: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,15 @@ class InferenceState:
   def model(self) -> nnx.Module:
     """The module with its restored parameters (eager use; inside jit merge graphdef and params)."""
     return nnx.merge(self.graphdef, self.params)
+
+
+def abstract_carry(model_fn: ModelFn, batch_size: int) -> Any:
+  """ShapeDtypeStructs of the model's `init_carry(batch_size)`; None for a model that carries nothing."""
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
+    if not hasattr(model, "init_carry"):
+      return None
+    return jax.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)).init_carry(batch_size))
 
 
 def abstract_model(model_fn: ModelFn, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
@@ -62,12 +75,15 @@ def path_keys(path) -> tuple:
 
 
 def init_train_state(model_fn: ModelFn, optimizer: optax.GradientTransformation, shardings: TrainState,
-                     seed: int) -> TrainState:
-  """Initialises parameters and optimizer state directly in their shardings."""
+                     seed: int, carry_batch_size: int | None = None) -> TrainState:
+  """Initialises parameters and optimizer state directly in their shardings; with `carry_batch_size`,
+  also the model's carry (`init_carry`) for a global batch of that many rows."""
 
   def init() -> TrainState:
     with nnx.use_eager_sharding(False):
-      params = nnx.state(model_fn(rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+      model = model_fn(rngs=nnx.Rngs(seed))
+      params = nnx.state(model, nnx.Param).to_pure_dict()
+      carry = None if carry_batch_size is None else model.init_carry(carry_batch_size)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), carry=carry)
 
   return jax.jit(init, out_shardings=shardings)()

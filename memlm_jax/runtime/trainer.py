@@ -7,6 +7,11 @@ composite loss, e.g. a biased transducer's `rnnt_loss_sum`) is reported as `<nam
 weight of the whole global batch (all microbatches), so gradient accumulation and
 any mesh give the same update as one big batch on one device. Shardings, the mesh and host
 batches belong to the Partitioner (runtime/partitioning.py).
+
+A model trained over long documents also has `init_carry(batch_size)` and
+`carried_loss(batch, carry, deterministic=..., rngs=..., per_row=False) -> (sums, carry)`: the
+Trainer keeps the carry in `TrainState.carry` and hands each step's result to the next (no
+gradient flows through it), and the Evaluator's `carried_row_sums` gives each batch row's sums.
 """
 
 from __future__ import annotations
@@ -25,10 +30,14 @@ from memlm_jax.runtime.train_state import TrainState
 Batch = Mapping[str, jax.Array]
 
 
-def _loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, rng: jax.Array | None) -> dict[str, jax.Array]:
+def _loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, rng: jax.Array | None,
+               carry: Any = None) -> tuple[dict[str, jax.Array], Any]:
+  """(the model's loss sums, the carry after this batch: None for a model that carries nothing)."""
   model = nnx.merge(graphdef, params)
   rngs = nnx.Rngs(dropout=rng) if rng is not None else None
-  return model.loss(batch, deterministic=rng is None, rngs=rngs)
+  if carry is None:
+    return model.loss(batch, deterministic=rng is None, rngs=rngs), None
+  return model.carried_loss(batch, carry, deterministic=rng is None, rngs=rngs)
 
 
 class Evaluator:
@@ -37,9 +46,27 @@ class Evaluator:
   def __init__(self, graphdef: nnx.GraphDef, partitioner: Partitioner, param_shardings: Any):
     self.graphdef = graphdef
     self.partitioner = partitioner
-    self._eval_step = jax.jit(lambda params, batch: _loss_sums(graphdef, params, batch, None),
+    self._eval_step = jax.jit(lambda params, batch: _loss_sums(graphdef, params, batch, None)[0],
                               in_shardings=(param_shardings, partitioner.batch_sharding),
                               out_shardings=partitioner.replicated)
+    rows = partitioner.batch_sharding
+
+    def carried_rows(params, batch, carry):
+      return nnx.merge(graphdef, params).carried_loss(batch, carry, per_row=True)
+
+    self._carried_step = jax.jit(carried_rows, in_shardings=(param_shardings, rows, rows),
+                                 out_shardings=(rows, rows))
+
+  def init_carry(self, params: Any, batch_size: int) -> Any:
+    """The model's initial carry for a global batch of `batch_size` rows, split over the batch like the data."""
+    with self.partitioner.context():
+      return jax.jit(lambda p: nnx.merge(self.graphdef, p).init_carry(batch_size),
+                     out_shardings=self.partitioner.batch_sharding)(params)
+
+  def carried_row_sums(self, params: Any, batch: Batch, carry: Any) -> tuple[dict[str, jax.Array], Any]:
+    """Each row's loss sums ([batch] arrays) of a long-document batch, and the carry after it."""
+    with self.partitioner.context():
+      return self._carried_step(params, batch, carry)
 
   def eval_sums(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
     with self.partitioner.context():
@@ -64,6 +91,9 @@ class Trainer:
                partitioner: Partitioner, shardings: TrainState, *, accum_steps: int = 1, dropout_seed: int = 0):
     if accum_steps < 1:
       raise ValueError(f"accum_steps must be >= 1, got {accum_steps}.")
+    if accum_steps > 1 and shardings.carry is not None:
+      raise ValueError(f"accum_steps={accum_steps}: a model that carries its memory between steps (long-document "
+                       "training) takes the whole batch in one step; use accum_steps=1 or a smaller batch.")
     self.graphdef = graphdef
     self.optimizer = optimizer
     self.schedule = schedule
@@ -76,26 +106,28 @@ class Trainer:
     self._train_step = jax.jit(self._step, in_shardings=(shardings, partitioner.batch_sharding),
                                out_shardings=(shardings, partitioner.replicated), donate_argnums=(0,))
 
-  def _grads_and_sums(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+  def _grads_and_sums(self, params: Any, batch: Batch, rng: jax.Array,
+                      carry: Any = None) -> tuple[Any, dict[str, jax.Array], Any]:
     def loss_fn(p):
-      sums = _loss_sums(self.graphdef, p, batch, rng)
-      return sums["loss_sum"], sums
+      sums, new_carry = _loss_sums(self.graphdef, p, batch, rng, carry)
+      return sums["loss_sum"], (sums, new_carry)
 
-    grads, sums = jax.grad(loss_fn, has_aux=True)(params)
+    grads, (sums, carry) = jax.grad(loss_fn, has_aux=True)(params)
     if self.frozen_mask is not None:  # unused, so XLA never computes the frozen parameters' gradients
       grads = jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g, grads, self.frozen_mask(params))
-    return grads, sums
+    return grads, sums, carry
 
   def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(jax.random.key(self.dropout_seed), state.step)
+    carry = state.carry
     if self.accum_steps == 1:
-      grads, sums = self._grads_and_sums(state.params, batch, rng)
+      grads, sums, carry = self._grads_and_sums(state.params, batch, rng, carry)
     else:
       micro = jax.tree.map(lambda x: self.partitioner.split_microbatches(x, self.accum_steps), batch)
 
       def body(carry, xs):
         index, microbatch = xs
-        grads, sums = self._grads_and_sums(state.params, microbatch, jax.random.fold_in(rng, index))
+        grads, sums, _ = self._grads_and_sums(state.params, microbatch, jax.random.fold_in(rng, index))
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
       first = jax.tree.map(lambda x: x[0], micro)
@@ -117,7 +149,7 @@ class Trainer:
       metrics["accuracy"] = sums["correct_sum"] / weight
     for key in sums.keys() - {"loss_sum", "weight_sum", "correct_sum"}:  # a model's loss terms, e.g. rnnt_loss_sum
       metrics[key.removesuffix("_sum")] = sums[key] / weight
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, carry=carry), metrics
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     with self.partitioner.context():

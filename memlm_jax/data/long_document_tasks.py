@@ -23,6 +23,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+from memlm_jax.data.sources import PreparedTfdsDataSource
 from memlm_jax.data.vocabularies import byte_vocabulary
 
 PG19_SPLITS = ("train", "validation", "test")
@@ -63,8 +64,9 @@ def _register(name: str, source: seqio.DataSource, preprocessors: list, vocabula
 def pg19_task(name: str = "pg19", vocabulary: seqio.Vocabulary = gin.REQUIRED, tfds_name: str = "pg19:0.1.1",
               tfds_data_dir: str | None = None) -> str:
   """Registers PG19 (tfds) as a long-document task; returns its name."""
-  source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
-                                splits={split: split for split in PG19_SPLITS})
+  source = PreparedTfdsDataSource(tfds_name, tfds_data_dir, {split: split for split in PG19_SPLITS},
+                                  f"prepare it with `tfds build pg19 --data_dir=DIR` and set pg19_task.tfds_data_dir "
+                                  "(TFDS_DATA_DIR) to DIR; nothing is downloaded at run time.")
   return _register(name, source, [pg19_to_document], vocabulary)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 
 import gin
 import jax
@@ -223,7 +224,11 @@ class TfDataIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in next(self._iterator).items()}
+    try:
+      return {k: v.numpy() for k, v in next(self._iterator).items()}
+    except tf.errors.InvalidArgumentError as error:
+      raise too_long_error(error) from None
+
 
   def save(self, path: str) -> None:
     self._checkpoint.write(path)
@@ -251,6 +256,20 @@ class TfDataIterator:
     that many steps."""
     for _ in range(batches):
       next(self._iterator)
+
+
+def too_long_error(error: tf.errors.InvalidArgumentError) -> Exception:
+  """seqio's length check (an example longer than its feature length, never cut) as one clear sentence;
+  any other tf.data error unchanged."""
+  found = re.search(r"Feature \\?'(\w+)\\?' has length not less than or equal to the expected length of (\d+).*?"
+                    r"x \(.*?\) = \] \[(\d+)\]", error.message, re.S)
+  if not found:
+    return error
+  feature, limit, length = found.groups()
+  macro = {"targets": "targets_length (TARGETS_LENGTH) or sequence_length", "inputs": "sequence_length"}.get(
+      feature, "sequence_length")
+  return ValueError(f"an example's {feature!r} has {length} tokens, more than the {limit} the batch allows; examples "
+                    f"are never truncated: raise DatasetConfig.{macro} or remove the example.")
 
 
 def _shape_text(entry: list | None) -> str:

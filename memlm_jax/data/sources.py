@@ -38,3 +38,35 @@ class IndexedFunctionDataSource(seqio.FunctionDataSource):
     if shard_info is None:
       return self._indexed_fn(split, 0, 1)
     return self._indexed_fn(split, shard_info.index, shard_info.num_shards)
+
+
+class PreparedTfdsDataSource(seqio.TfdsDataSource):
+  """A TFDS source that reads a prepared dataset and never downloads or builds one.
+
+  seqio's TfdsDataSource otherwise lets tfds.load build a missing dataset, which for PG19 starts an
+  11 GB download in the middle of a training launch. A dataset that is not prepared is one error
+  saying where it was looked for and how to prepare it (`how_to_prepare`).
+  """
+
+  def __init__(self, tfds_name: str, tfds_data_dir: str | None, splits: Mapping[str, str], how_to_prepare: str):
+    super().__init__(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, splits=dict(splits), read_only=True)
+    self._where = tfds_data_dir or "the default tfds data directory (TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    self._how_to_prepare = how_to_prepare
+
+  def _not_prepared(self, error: Exception) -> Exception:
+    if "could not find data" not in str(error) and "has not been generated" not in str(error):
+      return error
+    return FileNotFoundError(f"the tfds dataset {self.tfds_dataset.name!r} is not prepared in {self._where}; "
+                             f"{self._how_to_prepare}")
+
+  def get_dataset(self, *args, **kwargs) -> tf.data.Dataset:
+    try:
+      return super().get_dataset(*args, **kwargs)
+    except (AssertionError, KeyError) as error:
+      raise self._not_prepared(error) from None
+
+  def list_shards(self, split: str) -> Sequence[str]:  # seqio asks for the files first when reading a shard
+    try:
+      return super().list_shards(split)
+    except (AssertionError, KeyError) as error:
+      raise self._not_prepared(error) from None

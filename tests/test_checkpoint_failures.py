@@ -91,3 +91,21 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
   state = jax.device_get(ckpt.restore(bad_step - 1, _abstract_state(tmp_path, str(tmp_path / "diverge"))))
   ckpt.close()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_the_same_arrays_in_another_tree_are_a_mismatch_not_damage(tmp_path):
+  """A checkpoint of a plain TrainState restored as a CarryingTrainState whose carry has no arrays (the leaf
+  shapes all agree, the tree does not) stops with CheckpointMismatchError and moves nothing: a code or
+  config change is never treated as a damaged checkpoint."""
+  from memlm_jax.runtime.checkpoints import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+  from memlm_jax.runtime.train_state import CarryingTrainState  # pylint: disable=g-import-not-at-top
+  lm_runs.corpus(str(tmp_path / "data"))
+  model_dir, _ = _train(tmp_path, "run", TRAIN_STEPS=5)
+  abstract = _abstract_state(tmp_path, model_dir)
+  other_tree = CarryingTrainState(step=abstract.step, params=abstract.params, opt_state=abstract.opt_state, carry=())
+  ckpt_dir = os.path.join(model_dir, "checkpoints")
+  ckpt = Checkpointer(ckpt_dir)
+  with pytest.raises(CheckpointMismatchError, match="another tree structure"):
+    ckpt.restore_latest(other_tree)
+  ckpt.close()
+  assert Checkpointer(ckpt_dir).all_steps() == [5] and not os.path.exists(os.path.join(ckpt_dir, "corrupted"))

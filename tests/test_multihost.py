@@ -131,7 +131,8 @@ def _speech_corpus(root, rng, utterances=10):
 @pytest.mark.multihost
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
   """LM, Infini LM and transducer through every launcher: training losses, perplexity eval, infer
-  outputs, passkey results and ASR eval (WER and every hypothesis, with KMP biasing) equal between
+  outputs, passkey results, per-book long-document perplexity, and ASR eval (WER and every hypothesis,
+  with KMP biasing) equal between
   2 processes x 4 devices and 1 process x 8, and every process returns the same metrics; then each
   topology continues the other's LM checkpoint with the losses of an uninterrupted run."""
   rng = np.random.default_rng()
@@ -152,6 +153,13 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   asr = [b for b in speech if not b.startswith("train")] + [
       "asr_eval.beam_size = 2", "asr_eval.batch_size = 8", "asr_eval.biasing = [None, @KmpBiasing(), @anti/KmpBiasing()]",
       "KmpBiasing.delta = 5.0", "anti/KmpBiasing.bias_lists = 'anti'"]
+  from tests.test_long_documents import write_documents  # pylint: disable=g-import-not-at-top
+  write_documents(str(tmp_path / "docs"), [int(n) for n in rng.integers(1, 40, 11)], seed=int(rng.integers(1 << 30)))
+  docs = ["train/DatasetConfig.shuffle = False", "warmup_cosine_schedule.warmup_steps = 2", "BATCH_SIZE = 8",
+          "EVAL_BATCH_SIZE = 8", "TRAIN_STEPS = 3", "SEQUENCE_LENGTH = 32", "InfiniTransformerLM.segment_length = 16",
+          "MIXTURE_OR_TASK_NAME = @text_directory_task()", "text_directory_task.name = 'multihost_docs'",
+          f"text_directory_task.split_dirs = {{'train': '{tmp_path}/docs/train', 'test': '{tmp_path}/docs/train'}}",
+          "train/DatasetConfig.feature_converter = 'long_document'", "Checkpointer.save_interval_steps = 3"]
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("the red cat\na dog ran on\nsmall\n")
   steps = [("lm", "train", LM, text), ("lm_eval", "eval", ["runs/eval.gin", "tiny/lm_demo.gin"], text),
@@ -161,10 +169,12 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
            ("infini_passkey", "eval", ["runs/passkey_eval.gin", "tiny/infini_lm_demo.gin"],
             infini + ["PASSKEY_LENGTHS = [400]", "passkey_eval.examples_per_bucket = 1",
                       "passkey_eval.chunk_segments = 8"]),
+           ("docs", "train", ["runs/train.gin", "tiny/infini_lm.gin"], docs),
+           ("docs_eval", "eval", ["runs/long_document_eval.gin", "tiny/infini_lm.gin"], docs),
            ("asr", "train", speech_files, speech),
            ("asr_eval", "eval", ["runs/asr_eval.gin", "tiny/transducer_synthetic.gin"], asr)]
   model_dirs = {"lm": "lm", "lm_eval": "lm", "lm_infer": "lm", "infini": "infini", "infini_passkey": "infini",
-                "asr": "asr", "asr_eval": "asr"}
+                "docs": "docs", "docs_eval": "docs", "asr": "asr", "asr_eval": "asr"}
   results = {}
   for name, kind, files, bindings in steps:
     results[name] = run_in_process(kind, files, bindings, str(tmp_path / "one" / model_dirs[name]))
@@ -173,7 +183,11 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
       {"name": name, "kind": kind, "files": files, "bindings": bindings,
        "model_dir": str(tmp_path / "two" / model_dirs[name])} for name, kind, files, bindings in steps] + [
       {"name": "lm_continued", "kind": "train", "files": LM, "bindings": continued,
-       "model_dir": str(tmp_path / "one" / "lm")}]}
+       "model_dir": str(tmp_path / "one" / "lm")},
+      # Whole documents per host: the two processes read other books in other lanes, so they evaluate the
+      # one-process checkpoint, which must give every book the NLL it has in one process.
+      {"name": "docs_eval_of_one", "kind": "eval", "files": ["runs/long_document_eval.gin", "tiny/infini_lm.gin"],
+       "bindings": docs, "model_dir": str(tmp_path / "one" / "docs")}]}
   os.makedirs(plan["out"])
   with open(tmp_path / "plan.json", "w") as f:
     json.dump(plan, f)
@@ -191,6 +205,14 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   for run, count in (("lm", 6), ("infini", 4), ("asr", 3)):
     np.testing.assert_allclose(losses(str(tmp_path / "two" / run), range(1, count + 1)),
                                losses(str(tmp_path / "one" / run), range(1, count + 1)), rtol=2e-5, err_msg=run)
+  for i in (0, 1):
+    by_title = lambda result: {d["title"]: d for d in result["documents"]}  # noqa: E731
+    two_docs = by_title(json.load(open(os.path.join(plan["out"], f"docs_eval_of_one.process{i}.json"))))
+    one_docs = by_title(results["docs_eval"])
+    assert sorted(two_docs) == sorted(one_docs) and len(one_docs) == 11  # every book once, none twice
+    for title, doc in one_docs.items():
+      np.testing.assert_allclose(two_docs[title]["nll"], doc["nll"], rtol=2e-5, err_msg=title)
+      assert two_docs[title]["tokens"] == doc["tokens"] and two_docs[title]["words"] == doc["words"]
   lm_eval = json.load(open(os.path.join(plan["out"], "lm_eval.process0.json")))
   assert lm_eval.keys() == results["lm_eval"].keys()
   np.testing.assert_allclose([lm_eval[k] for k in sorted(lm_eval)],

@@ -249,6 +249,12 @@ class Checkpointer:
         return self.restore(step, abstract_state, iterator), step
       except (CheckpointMismatchError, DataFastForwardError):
         raise
+      except ValueError as error:
+        if "tree structures do not match" in str(error):  # the same arrays in another tree: a code change, not damage
+          raise CheckpointMismatchError(
+              f"the checkpoint {self.directory / str(step)} holds the configured arrays in another tree structure "
+              f"(orbax: {str(error).splitlines()[0][:200]}); nothing was moved.") from error
+        self._fall_back(step, error)
       except Exception as error:  # orbax/tensorstore raise many types for damaged files
         self._fall_back(step, error)
     return None

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from memlm_jax.runtime import multihost
-from memlm_jax.runtime.train_state import TrainState, path_keys
+from memlm_jax.runtime.train_state import TrainState, make_train_state, path_keys
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -193,11 +193,9 @@ class Partitioner:
     pure_params = abstract_params.to_pure_dict()
     abstract_opt = jax.eval_shape(optimizer.init, pure_params)
     carry_shardings = None if abstract_carry is None else jax.tree.map(lambda _: self.batch_sharding, abstract_carry)
-    shardings = TrainState(step=self.replicated, params=p_shardings,
-                           opt_state=self.opt_state_shardings(abstract_opt, pure_params, p_shardings),
-                           carry=carry_shardings)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=pure_params, opt_state=abstract_opt,
-                          carry=abstract_carry)
+    shardings = make_train_state(self.replicated, p_shardings,
+                                 self.opt_state_shardings(abstract_opt, pure_params, p_shardings), carry_shardings)
+    abstract = make_train_state(jax.ShapeDtypeStruct((), jnp.int32), pure_params, abstract_opt, abstract_carry)
     return with_shardings(abstract, shardings), shardings
 
   @property

@@ -29,10 +29,26 @@ class TrainState:
   step: jax.Array  # int32 scalar: number of optimizer updates applied
   params: Any
   opt_state: Any
-  # State a model carries from one step to the next (the Infini LM's memory over long documents,
-  # leaves [batch, ...]); saved with the checkpoint so a resumed run continues identically. None
-  # for models trained on independent examples.
-  carry: Any = None
+
+
+@flax.struct.dataclass
+class CarryingTrainState(TrainState):
+  """The train state of a model that carries state from one step to the next (the Infini LM's memory over
+  long documents, leaves [batch, ...]), saved with the checkpoint so a resumed run continues identically.
+  Its own class, so the checkpoints of every other run keep TrainState's tree."""
+  carry: Any
+
+
+def carry_of(state: TrainState) -> Any:
+  """The state's carry, or None for a plain TrainState."""
+  return getattr(state, "carry", None)
+
+
+def make_train_state(step: Any, params: Any, opt_state: Any, carry: Any = None) -> TrainState:
+  """A TrainState, or a CarryingTrainState when there is a carry."""
+  if carry is None:
+    return TrainState(step=step, params=params, opt_state=opt_state)
+  return CarryingTrainState(step=step, params=params, opt_state=opt_state, carry=carry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +100,6 @@ def init_train_state(model_fn: ModelFn, optimizer: optax.GradientTransformation,
       model = model_fn(rngs=nnx.Rngs(seed))
       params = nnx.state(model, nnx.Param).to_pure_dict()
       carry = None if carry_batch_size is None else model.init_carry(carry_batch_size)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), carry=carry)
+    return make_train_state(jnp.zeros((), jnp.int32), params, optimizer.init(params), carry)
 
   return jax.jit(init, out_shardings=shardings)()

@@ -10,7 +10,7 @@ batches belong to the Partitioner (runtime/partitioning.py).
 
 A model trained over long documents also has `init_carry(batch_size)` and
 `carried_loss(batch, carry, deterministic=..., rngs=..., per_row=False) -> (sums, carry)`: the
-Trainer keeps the carry in `TrainState.carry` and hands each step's result to the next (no
+Trainer keeps the carry in `CarryingTrainState.carry` and hands each step's result to the next (no
 gradient flows through it), and the Evaluator's `carried_row_sums` gives each batch row's sums.
 """
 
@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from memlm_jax.runtime.partitioning import Partitioner
-from memlm_jax.runtime.train_state import TrainState
+from memlm_jax.runtime.train_state import TrainState, carry_of, make_train_state
 
 Batch = Mapping[str, jax.Array]
 
@@ -91,7 +91,7 @@ class Trainer:
                partitioner: Partitioner, shardings: TrainState, *, accum_steps: int = 1, dropout_seed: int = 0):
     if accum_steps < 1:
       raise ValueError(f"accum_steps must be >= 1, got {accum_steps}.")
-    if accum_steps > 1 and shardings.carry is not None:
+    if accum_steps > 1 and carry_of(shardings) is not None:
       raise ValueError(f"accum_steps={accum_steps}: a model that carries its memory between steps (long-document "
                        "training) takes the whole batch in one step; use accum_steps=1 or a smaller batch.")
     self.graphdef = graphdef
@@ -119,7 +119,7 @@ class Trainer:
 
   def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(jax.random.key(self.dropout_seed), state.step)
-    carry = state.carry
+    carry = carry_of(state)
     if self.accum_steps == 1:
       grads, sums, carry = self._grads_and_sums(state.params, batch, rng, carry)
     else:
@@ -149,7 +149,7 @@ class Trainer:
       metrics["accuracy"] = sums["correct_sum"] / weight
     for key in sums.keys() - {"loss_sum", "weight_sum", "correct_sum"}:  # a model's loss terms, e.g. rnnt_loss_sum
       metrics[key.removesuffix("_sum")] = sums[key] / weight
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, carry=carry), metrics
+    return make_train_state(state.step + 1, params, opt_state, carry), metrics
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     with self.partitioner.context():

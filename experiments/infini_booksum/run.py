@@ -90,7 +90,7 @@ def run_variant(variant: str, out_dir: str, data_dir: str, extra: Sequence[str])
             f"MODEL_DIR = {model_dir!r}", *extra]
   _parse(["runs/train.gin", CONFIG], common)
   train_lib.train(model_dir)
-  steps = gin.query_parameter("train.train_steps")
+  steps = gin.query_parameter("%TRAIN_STEPS")
   written = sorted(glob.glob(os.path.join(model_dir, "eval", f"summarization_*_test_*_step{steps}.json")))
   if written:
     with open(written[-1]) as f:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -32,10 +33,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import gin  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import sentencepiece  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from memlm_jax import gin_utils  # noqa: E402
 from memlm_jax import registry  # noqa: E402,F401  (every gin configurable)
-from memlm_jax.launch import long_document_lib, train_lib  # noqa: E402
+from memlm_jax.launch import eval_lib, long_document_lib, train_lib  # noqa: E402
+from memlm_jax.runtime.partitioning import Partitioner  # noqa: E402
 from experiments import variant_runs  # noqa: E402
 from scripts import make_long_documents, train_spm  # noqa: E402
 
@@ -82,24 +89,90 @@ def run_variant(variant: str, out_dir: str, data_dir: str, extra: Sequence[str])
             f"MODEL_DIR = {model_dir!r}", *extra]
   _parse(["runs/train.gin", config], common)
   train_lib.train(model_dir)
-  steps = gin.query_parameter("train.train_steps")
+  steps = gin.query_parameter("%TRAIN_STEPS")
   written = sorted(glob.glob(os.path.join(model_dir, "eval", f"long_document_*_test_*_step{steps}.json")))
-  if written:
-    with open(written[-1]) as f:
-      return json.load(f)
+  recall_file = os.path.join(model_dir, "eval", f"recalled_names_step{steps}.json")
+  if written and os.path.isfile(recall_file):
+    with open(written[-1]) as f, open(recall_file) as g:
+      result = json.load(f)
+      return {**result, "overall": {**result["overall"], **json.load(g)}}
   _parse(["runs/long_document_eval.gin", config], [*common, "EVAL_SPLIT = 'test'"])
-  return long_document_lib.long_document_eval(model_dir)
+  result = long_document_lib.long_document_eval(model_dir)
+  recall = recalled_name_perplexity(model_dir, data_dir, gin.query_parameter("%SEQUENCE_LENGTH"))
+  with open(os.path.join(model_dir, "eval", f"recalled_names_step{steps}.json"), "w") as f:
+    json.dump(recall, f, indent=2)
+  return {**result, "overall": {**result["overall"], **recall}}
+
+
+def token_nll(model_dir: str, tokens: np.ndarray, step_tokens: int) -> np.ndarray:
+  """Each token's next-token NLL [tokens] of one document, read as the long-document eval reads it: in steps of
+  `step_tokens` with the memory carried (the Infini LM), or each step on its own (the dense LM). Uses the gin
+  config in force (the model of `model_dir`)."""
+  model_fn = gin.query_parameter("%MODEL").scoped_configurable_fn
+  restored = eval_lib.restore_for_inference(model_dir, model_fn, Partitioner(), None)
+  graphdef, params = restored.graphdef, restored.params
+  model = restored.model()
+  carries_memory = hasattr(model, "init_memory")
+  if carries_memory:
+    apply = jax.jit(lambda p, x, memory, mask: nnx.merge(graphdef, p)(x, memory, mask))
+  else:
+    apply = jax.jit(lambda p, x, mask: nnx.merge(graphdef, p)(x, mask, jnp.broadcast_to(jnp.arange(x.shape[1]),
+                                                                                     x.shape)))
+  memory = model.init_memory(1) if carries_memory else None
+  out = []
+  for start in range(0, tokens.size, step_tokens):
+    targets = np.zeros((1, step_tokens), np.int32)
+    chunk = tokens[start:start + step_tokens]
+    targets[0, :chunk.size] = chunk
+    inputs = np.zeros((1, step_tokens), np.int32)
+    shifted = tokens[max(start - 1, 0):start + step_tokens - 1]
+    inputs[0, 1 if start == 0 else 0:][:shifted.size] = shifted
+    mask = (targets != 0).astype(np.int32)
+    if carries_memory:
+      logits, memory = apply(params, inputs, memory, mask)
+    else:
+      logits = apply(params, inputs, mask)
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    out.append(-np.take_along_axis(np.asarray(logp), targets[..., None], -1)[0, :chunk.size, 0])
+  return np.concatenate(out)
+
+
+def recalled_name_perplexity(model_dir: str, data_dir: str, step_tokens: int) -> dict[str, float]:
+  """Perplexity on the tokens of recalled names (a person or pet named again hundreds of words after its
+  definition: predictable only from memory) and on every other token, over the test documents."""
+  processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(data_dir, "spm.model"))
+  sums = {"recalled": [0.0, 0], "other": [0.0, 0]}
+  for path in sorted(glob.glob(os.path.join(data_dir, "test", "*.txt"))):
+    with open(path) as f:
+      text = f.read()
+    pieces = processor.encode(text, return_type="proto").pieces
+    ids = np.asarray([p.id for p in pieces] + [processor.eos_id()], np.int32)
+    spans = [(r.start, r.end) for r in make_long_documents.back_references(text)]
+    recalled = np.zeros(ids.size, bool)
+    starts = np.asarray([p.begin for p in pieces])
+    ends = np.asarray([p.end for p in pieces])
+    for start, end in spans:  # a piece inside a recalled name (byte offsets = char offsets: the text is ASCII)
+      recalled[:len(pieces)] |= (starts < end) & (ends > start) & (ends > starts)
+    nll = token_nll(model_dir, ids, step_tokens)
+    for name, where in (("recalled", recalled), ("other", ~recalled)):
+      sums[name][0] += float(nll[where].sum())
+      sums[name][1] += int(where.sum())
+  return {f"{name}_perplexity": math.exp(total / max(count, 1)) for name, (total, count) in sums.items()} | {
+      "recalled_tokens": sums["recalled"][1]}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
   """Ours (token and word perplexity, the change against no memory) beside the paper's PG19 column."""
-  lines = ["| model | token perplexity | word perplexity | word ppl vs no memory |", "|---|---|---|---|"]
+  lines = ["| model | token perplexity | word perplexity | word ppl vs no memory | recalled-name tokens: perplexity |"
+           " other tokens: perplexity |", "|---|---|---|---|---|---|"]
   reference = results.get("no_memory", {}).get("overall", {}).get("word_perplexity")
   for variant, result in results.items():
     overall = result["overall"]
     word = overall["word_perplexity"]
     change = f"{100 * (word / reference - 1):+.1f}%" if reference else "-"
-    lines.append(f"| {VARIANTS[variant][2]} | {overall['token_perplexity']:.3f} | {word:.3f} | {change} |")
+    recall = lambda key: f"{overall[key]:.2f}" if key in overall else "-"  # noqa: E731
+    lines.append(f"| {VARIANTS[variant][2]} | {overall['token_perplexity']:.3f} | {word:.3f} | {change} | "
+                 f"{recall('recalled_perplexity')} | {recall('other_perplexity')} |")
   documents = next(iter(results.values()))["overall"]["num_documents"] if results else 0
   lines.append(f"\nOurs: {documents} generated test documents of ~800 words, read whole. Paper (PG19 test, "
                "12-layer models, 32K-token training inputs; perplexity):")

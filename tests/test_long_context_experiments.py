@@ -71,3 +71,13 @@ def test_each_experiment_runs_to_its_table(tmp_path, path, variants, capsys):
   printed = capsys.readouterr().out
   assert os.path.isfile(tmp_path / "out" / "table.md") and "| paper model |" in printed
   assert module.main(argv) == 0  # a rerun reuses the corpus, the models and the evals
+
+
+def test_fact_accuracy_counts_the_reference_pairs_a_summary_states():
+  booksum = _module("experiments/infini_booksum/run.py")
+  generations = [{"references": ["The story follows A, the potter from X; B, the sailor from Y; and C, the miller "
+                                 "from Z."],
+                  "prediction": "The story follows Q, the sailor from Y; R, the potter from Z; and S, the smith from W."}]
+  # Pairs: (sailor, Y) only; roles: potter and sailor of the three; towns: Y and Z of the three.
+  assert booksum.fact_accuracy(generations) == pytest.approx({"pairs_right": 1 / 3, "roles_right": 2 / 3,
+                                                              "towns_right": 2 / 3})

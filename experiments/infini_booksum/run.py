@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
@@ -58,6 +59,7 @@ PAPER_ROWS = (("BART", 36.4, 7.6, 15.3, 16.2), ("BART + Unlimiformer", 36.8, 8.3
 CORPUS_FLAGS = ("--corpus=summarization", "--num_train=1500", "--num_validation=10", "--num_test=40",
                 "--words_per_document=400", "--num_entities=3", "--seed=0")
 VOCAB_SIZE = 512
+FACT = re.compile(r"the (\w+) from (\w+)")  # a summary's "the potter from Greyhaven"
 
 
 def _parse(files: Sequence[str], bindings: Sequence[str]) -> None:
@@ -92,18 +94,40 @@ def run_variant(variant: str, out_dir: str, data_dir: str, extra: Sequence[str])
   train_lib.train(model_dir)
   steps = gin.query_parameter("%TRAIN_STEPS")
   written = sorted(glob.glob(os.path.join(model_dir, "eval", f"summarization_*_test_*_step{steps}.json")))
-  if written:
-    with open(written[-1]) as f:
-      return json.load(f)
-  _parse(["runs/summarization_eval.gin", CONFIG], [*common, "EVAL_SPLIT = 'test'"])
-  return summarization_lib.summarization_eval(model_dir)
+  if not written:
+    _parse(["runs/summarization_eval.gin", CONFIG], [*common, "EVAL_SPLIT = 'test'"])
+    summarization_lib.summarization_eval(model_dir)
+    written = sorted(glob.glob(os.path.join(model_dir, "eval", f"summarization_*_test_*_step{steps}.json")))
+  with open(written[-1]) as f:
+    scores = json.load(f)
+  with open(os.path.join(model_dir, "eval", scores["generations"])) as f:
+    scores.update(fact_accuracy([json.loads(line) for line in f]))
+  return scores
+
+
+def fact_accuracy(generations: Sequence[dict[str, Any]]) -> dict[str, float]:
+  """Of the reference summaries' "the ROLE from TOWN" pairs, the fraction each generated summary states (in
+  any order): whole pairs, roles, towns. The facts a summary can only get from the memory."""
+  hit = roles = towns = total = 0
+  for generation in generations:
+    reference = FACT.findall(generation["references"][0])
+    predicted = FACT.findall(generation["prediction"])
+    total += len(reference)
+    hit += sum(pair in predicted for pair in reference)
+    roles += sum(role in {r for r, _ in predicted} for role, _ in reference)
+    towns += sum(town in {t for _, t in predicted} for _, town in reference)
+  total = max(total, 1)
+  return {"pairs_right": hit / total, "roles_right": roles / total, "towns_right": towns / total}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-  lines = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | overall |", "|---|---|---|---|---|"]
+  lines = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | overall | (role, town) pairs right | roles right | towns right |",
+           "|---|---|---|---|---|---|---|---|"]
   for variant, scores in results.items():
+    facts = " | ".join(f"{100 * scores[k]:.1f}%" if k in scores else "-"
+                       for k in ("pairs_right", "roles_right", "towns_right"))
     lines.append(f"| {VARIANTS[variant][1]} | {scores['rouge1']:.1f} | {scores['rouge2']:.1f} | "
-                 f"{scores['rougeL']:.1f} | {scores['overall']:.1f} |")
+                 f"{scores['rougeL']:.1f} | {scores['overall']:.1f} | {facts} |")
   examples = next(iter(results.values()))["examples"] if results else 0
   lines.append(f"\nOurs: {examples} generated test stories (~400 words, held-out names), greedy decoding. "
                "Paper (BookSum test, 8B model, inputs up to 500K tokens):")
@@ -119,8 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args, extra = parsed
   make_data(args.data_dir)
   results = {variant: run_variant(variant, args.out_dir, args.data_dir, extra) for variant in args.variants}
-  variant_runs.write_table(args.out_dir, table(results), {v: {k: r[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "overall", "examples")}
-                                    for v, r in results.items()})
+  keys = ("rouge1", "rouge2", "rougeL", "rougeLsum", "overall", "examples", "pairs_right", "roles_right",
+          "towns_right")
+  variant_runs.write_table(args.out_dir, table(results), {v: {k: r[k] for k in keys} for v, r in results.items()})
   return 0
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -104,10 +104,10 @@ def run_variant(variant: str, out_dir: str, data_dir: str, extra: Sequence[str])
   return {**result, "overall": {**result["overall"], **recall}}
 
 
-def token_nll(model_dir: str, tokens: np.ndarray, step_tokens: int) -> np.ndarray:
-  """Each token's next-token NLL [tokens] of one document, read as the long-document eval reads it: in steps of
-  `step_tokens` with the memory carried (the Infini LM), or each step on its own (the dense LM). Uses the gin
-  config in force (the model of `model_dir`)."""
+def token_nll_fn(model_dir: str) -> Callable[[np.ndarray, int], np.ndarray]:
+  """(tokens [n] of one document, step_tokens) -> each token's next-token NLL [n], read as the long-document
+  eval reads it: in steps of `step_tokens` with the memory carried (the Infini LM), or each step on its own
+  (the dense LM). The model of `model_dir` in the gin config in force, restored and compiled once."""
   model_fn = gin.query_parameter("%MODEL").scoped_configurable_fn
   restored = eval_lib.restore_for_inference(model_dir, model_fn, Partitioner(), None)
   graphdef, params = restored.graphdef, restored.params
@@ -118,23 +118,27 @@ def token_nll(model_dir: str, tokens: np.ndarray, step_tokens: int) -> np.ndarra
   else:
     apply = jax.jit(lambda p, x, mask: nnx.merge(graphdef, p)(x, mask, jnp.broadcast_to(jnp.arange(x.shape[1]),
                                                                                      x.shape)))
-  memory = model.init_memory(1) if carries_memory else None
-  out = []
-  for start in range(0, tokens.size, step_tokens):
-    targets = np.zeros((1, step_tokens), np.int32)
-    chunk = tokens[start:start + step_tokens]
-    targets[0, :chunk.size] = chunk
-    inputs = np.zeros((1, step_tokens), np.int32)
-    shifted = tokens[max(start - 1, 0):start + step_tokens - 1]
-    inputs[0, 1 if start == 0 else 0:][:shifted.size] = shifted
-    mask = (targets != 0).astype(np.int32)
-    if carries_memory:
-      logits, memory = apply(params, inputs, memory, mask)
-    else:
-      logits = apply(params, inputs, mask)
-    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    out.append(-np.take_along_axis(np.asarray(logp), targets[..., None], -1)[0, :chunk.size, 0])
-  return np.concatenate(out)
+
+  def token_nll(tokens: np.ndarray, step_tokens: int) -> np.ndarray:
+    memory = model.init_memory(1) if carries_memory else None
+    out = []
+    for start in range(0, tokens.size, step_tokens):
+      targets = np.zeros((1, step_tokens), np.int32)
+      chunk = tokens[start:start + step_tokens]
+      targets[0, :chunk.size] = chunk
+      inputs = np.zeros((1, step_tokens), np.int32)
+      shifted = tokens[max(start - 1, 0):start + step_tokens - 1]
+      inputs[0, 1 if start == 0 else 0:][:shifted.size] = shifted
+      mask = (targets != 0).astype(np.int32)
+      if carries_memory:
+        logits, memory = apply(params, inputs, memory, mask)
+      else:
+        logits = apply(params, inputs, mask)
+      logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+      out.append(-np.take_along_axis(np.asarray(logp), targets[..., None], -1)[0, :chunk.size, 0])
+    return np.concatenate(out)
+
+  return token_nll
 
 
 def recalled_name_perplexity(model_dir: str, data_dir: str, step_tokens: int) -> dict[str, float]:
@@ -142,6 +146,7 @@ def recalled_name_perplexity(model_dir: str, data_dir: str, step_tokens: int) ->
   definition: predictable only from memory) and on every other token, over the test documents."""
   processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(data_dir, "spm.model"))
   sums = {"recalled": [0.0, 0], "other": [0.0, 0]}
+  token_nll = token_nll_fn(model_dir)
   for path in sorted(glob.glob(os.path.join(data_dir, "test", "*.txt"))):
     with open(path) as f:
       text = f.read()
@@ -153,7 +158,7 @@ def recalled_name_perplexity(model_dir: str, data_dir: str, step_tokens: int) ->
     ends = np.asarray([p.end for p in pieces])
     for start, end in spans:  # a piece inside a recalled name (byte offsets = char offsets: the text is ASCII)
       recalled[:len(pieces)] |= (starts < end) & (ends > start) & (ends > starts)
-    nll = token_nll(model_dir, ids, step_tokens)
+    nll = token_nll(ids, step_tokens)
     for name, where in (("recalled", recalled), ("other", ~recalled)):
       sums[name][0] += float(nll[where].sum())
       sums[name][1] += int(where.sum())

@@ -69,9 +69,9 @@ def abstract_carry(model_fn: ModelFn, batch_size: int) -> Any:
   """ShapeDtypeStructs of the model's `init_carry(batch_size)`; None for a model that carries nothing."""
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
-    if not hasattr(model, "init_carry"):
-      return None
-    return jax.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)).init_carry(batch_size))
+  if not hasattr(model, "init_carry"):
+    return None
+  return jax.eval_shape(lambda: model.init_carry(batch_size))  # sizes only: the abstract module will do
 
 
 def abstract_model(model_fn: ModelFn, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:

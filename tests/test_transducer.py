@@ -20,6 +20,7 @@ from memlm_jax.runtime.summaries import read_jsonl
 from scripts import make_synthetic_speech as synth
 from scripts import train_spm
 from tests import lm_runs
+from tests.test_ctc_loss import _brute_force_nll
 
 # Gulati et al. 2020, Table 1 (encoder + single-LSTM decoder, ~1k word-piece vocabulary).
 PAPER_PARAMS_M = {"s": 10.3, "m": 30.7, "l": 118.8}
@@ -91,6 +92,35 @@ def test_an_utterance_scores_the_same_alone_and_padded_in_a_batch(predictor):
   sums = nnx.jit(lambda m, b: m.loss(b))(model, {k: jnp.asarray(v) for k, v in batch.items()})
   assert float(sums["weight_sum"]) == 6 and "correct_sum" not in sums
   np.testing.assert_allclose(sums["loss_sum"], both.sum(), rtol=1e-6)
+
+
+def test_the_ctc_head_adds_its_weighted_loss_and_leaves_the_rnnt_term_alone():
+  plain = _tiny_model()
+  lm_runs.parse(["models/transducer.gin"], TINY + ["VOCAB_SIZE = 11", "Transducer.ctc_weight = 0.5"])
+  with nnx.use_eager_sharding(False):
+    hybrid = Transducer(rngs=nnx.Rngs(0))
+  assert plain.ctc_head is None and hybrid.ctc_head is not None
+  rng = np.random.default_rng(5)
+  batch = {"audio": jnp.asarray(rng.normal(scale=0.1, size=(3, 4000)).astype(np.float32)),  # 5 encoder frames
+           "audio_paddings": jnp.zeros((3, 4000)).at[1:, 2000:].set(1.0),  # 2 frames
+           "targets": jnp.asarray([[3, 3, 5], [6, 0, 0], [4, 4, 0]], jnp.int32),  # the last needs 3 frames
+           "target_paddings": jnp.asarray([[0, 0, 0], [0, 1, 1], [0, 0, 1]], jnp.float32)}
+  sums = hybrid.loss(batch)
+  assert set(plain.loss(batch)) == {"loss_sum", "weight_sum"}
+  # The encoder, predictor and joint draw the same initial values: the RNN-T term is the plain model's.
+  np.testing.assert_allclose(sums["rnnt_loss_sum"], plain.loss(batch)["loss_sum"], rtol=1e-6)
+  np.testing.assert_allclose(sums["loss_sum"], sums["rnnt_loss_sum"] + 0.5 * sums["ctc_loss_sum"], rtol=1e-6)
+  encoded, paddings = hybrid.encode(batch["audio"], batch["audio_paddings"])
+  logits = np.asarray(hybrid.ctc_head(encoded))
+  frames = (paddings <= 0).sum(axis=1)
+  assert list(frames) == [5, 2, 2]
+  expected = sum(_brute_force_nll(logits[i], int(frames[i]), labels) for i, labels in enumerate([[3, 3, 5], [6]]))
+  np.testing.assert_allclose(sums["ctc_loss_sum"], expected, rtol=1e-4)
+  grads = nnx.grad(lambda m: m.loss(batch)["loss_sum"])(hybrid)
+  assert np.any(np.asarray(grads["ctc_head"]["kernel"].get_value()) != 0)
+  lm_runs.parse(["models/transducer.gin"], TINY + ["VOCAB_SIZE = 11", "Transducer.ctc_weight = -0.1"])
+  with pytest.raises(ValueError, match="ctc_weight must be >= 0"):
+    Transducer(rngs=nnx.Rngs(0))
 
 
 def test_training_agrees_on_one_device_and_a_2x4_mesh_and_the_asr_eval_writes_wer(corpus, tmp_path):

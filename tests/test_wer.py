@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from memlm_jax.evaluation.wer import biased_wer, normalize_text, word_error_rate
+from memlm_jax.evaluation.wer import biased_wer, normalize_text, spoken_phrase_cer, word_error_rate
 
 
 def naive_edit_distance(ref, hyp):
@@ -108,3 +108,18 @@ def test_bias_split_adds_up_on_random_sentences():
     assert result.bias_reference_words + result.unbiased_reference_words == result.overall.reference_words
     assert result.bias_errors + result.unbiased_errors == sum(
         naive_edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
+
+
+def test_spoken_phrase_cer_on_a_hand_worked_example():
+  references = ["call kori beibul at home", "play some music", "call nupil staiflo", "call zeflo at homestead"]
+  hypotheses = ["call kori beibol at home", "Play some musik", "", "call zeflo at homestead"]
+  lists = [["kori beibul", "zeflo kashos"],  # only the spoken phrase counts: 1 substitution in 11 characters
+           ["music"],                        # 1 in 5, after normalisation
+           ["nupil staiflo"],                # an empty hypothesis: every character missed
+           ["home", "zeflo kashos"]]         # "home" is not a word of the reference: no phrase here
+  assert spoken_phrase_cer(references, hypotheses, lists) == pytest.approx((1 / 11 + 1 / 5 + 1) / 3)
+  assert spoken_phrase_cer(references[3:], hypotheses[3:], lists[3:]) is None
+  # The best window may be shorter or longer than the phrase: "kori bei bul" is two edits from "kori beibul".
+  assert spoken_phrase_cer(["call kori beibul"], ["call kori bei bul now"], [["kori beibul"]]) == pytest.approx(1 / 11)
+  with pytest.raises(ValueError, match="one of each per utterance"):
+    spoken_phrase_cer(references, hypotheses[:2], lists)

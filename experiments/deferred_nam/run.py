@@ -131,7 +131,7 @@ def evaluate(variant: str, out_dir: str, common: Sequence[str], list_sizes: Sequ
 
 
 def _summary(payload: dict) -> dict[str, float]:
-  return {k: payload[k] for k in ("wer", "b_wer", "u_wer", "reference_words", "step") if k in payload}
+  return {k: payload[k] for k in ("wer", "b_wer", "u_wer", "phrase_cer", "reference_words", "step") if k in payload}
 
 
 ROW_ORDER = ("no biasing", "KMP", "B1", "D1", "D2", "D3:", "D3 + KMP (all", "D3 + KMP (NAM")
@@ -142,8 +142,8 @@ def _row_rank(label: str) -> tuple[int, str]:
 
 
 def tables(results: dict[str, Any], list_sizes: Sequence[int]) -> str:
-  """One markdown table per list size: WER, B-WER, U-WER (own lists), WER on the anti-biasing lists, and
-  the relative WER / B-WER reduction against no biasing; then the paper's claims."""
+  """One markdown table per list size: WER, B-WER, U-WER, the spoken names' CER (own lists), WER on the
+  anti-biasing lists, and the relative WER / B-WER reduction against no biasing; then the paper's claims."""
   out = []
   for size in list_sizes:
     base = results.get("no biasing", {}).get(str(size))
@@ -154,11 +154,13 @@ def tables(results: dict[str, Any], list_sizes: Sequence[int]) -> str:
       own, anti = by_size[str(size)]["own"], by_size[str(size)]["anti"]
       relative = lambda key: ("-" if base is None or not base["own"].get(key) else  # noqa: E731
                               f"{100 * (1 - own[key] / base['own'][key]):+.1f}%")
-      rows.append([label, *(f"{100 * own[k]:.2f}" if k in own else "-" for k in ("wer", "b_wer", "u_wer")),
+      rows.append([label, *(f"{100 * own[k]:.2f}" if own.get(k) is not None else "-"
+                            for k in ("wer", "b_wer", "u_wer", "phrase_cer")),
                    f"{100 * anti['wer']:.2f}", relative("wer"), relative("b_wer")])
     if rows:
       out.append(f"Held-out-name test set, bias lists of N = {size} phrases, beam {BEAM_SIZE} (values in %)\n\n" +
-                 markdown(["setting", "WER", "B-WER", "U-WER", "anti WER", "WER reduction", "B-WER reduction"],
+                 markdown(["setting", "WER", "B-WER", "U-WER", "name CER", "anti WER", "WER reduction",
+                           "B-WER reduction"],
                           rows))
   return "\n\n".join(out + [PAPER_CLAIMS])
 

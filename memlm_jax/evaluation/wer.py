@@ -129,3 +129,31 @@ def biased_wer(references: Sequence[str], hypotheses: Sequence[str], bias_lists:
       unbiased_reference_words=counts["other_words"], unbiased_errors=counts["other_errors"],
       b_wer=_rate(counts["bias_errors"], counts["bias_words"]),
       u_wer=_rate(counts["other_errors"], counts["other_words"]))
+
+
+def spoken_phrase_cer(references: Sequence[str], hypotheses: Sequence[str], bias_lists: Sequence[Sequence[str]], *,
+                      normalize: bool = True) -> float | None:
+  """How near a miss the recognised bias phrases are: for every phrase of an utterance's list that its
+  reference contains (as whole words), the character error rate of the phrase against the window of the
+  hypothesis (one word fewer to one more than the phrase, anywhere) that matches it best; the mean over
+  all such phrases, or None when no reference contains one.
+
+  B-WER counts a name missed by one letter as a whole word wrong; this is 0 for a name written exactly,
+  small for a near miss and about 1 for a guess, so it tells a biaser that could sharpen the acoustic
+  evidence from one that has nothing to sharpen.
+  """
+  if not len(references) == len(hypotheses) == len(bias_lists):
+    raise ValueError(f"got {len(references)} references, {len(hypotheses)} hypotheses and {len(bias_lists)} bias "
+                     "lists; need one of each per utterance.")
+  prepare = normalize_text if normalize else (lambda text: text)
+  rates = []
+  for reference, hypothesis, phrases in zip(references, hypotheses, bias_lists):
+    padded_reference, hyp_words = f" {prepare(reference)} ", prepare(hypothesis).split()
+    for phrase in {prepare(p) for p in phrases}:
+      if not phrase or f" {phrase} " not in padded_reference:
+        continue
+      size = len(phrase.split())
+      windows = [" ".join(hyp_words[start:start + width]) for width in range(max(1, size - 1), size + 2)
+                 for start in range(max(1, len(hyp_words) - width + 1))]
+      rates.append(min(min(jiwer.cer(phrase, window), 1.0) if window else 1.0 for window in windows))
+  return sum(rates) / len(rates) if rates else None

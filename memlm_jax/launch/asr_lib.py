@@ -247,14 +247,16 @@ class _SplitDecoder:
 
 
 def _wer_summary(rows: Sequence[dict]) -> dict[str, Any]:
-  """WER with its error counts; B-WER / U-WER when some utterance has a bias list."""
+  """WER with its error counts; B-WER / U-WER and the spoken phrases' CER (None when no reference speaks
+  a phrase of its list) when some utterance has a bias list."""
   refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
   overall = wer.word_error_rate(refs, hyps)
   summary = {"wer": overall.wer, "substitutions": overall.substitutions, "deletions": overall.deletions,
              "insertions": overall.insertions, "reference_words": overall.reference_words}
   if any(r["bias"] for r in rows):
     biased_result = wer.biased_wer(refs, hyps, [r["bias"] for r in rows])
-    summary.update({"b_wer": biased_result.b_wer, "u_wer": biased_result.u_wer})
+    summary.update({"b_wer": biased_result.b_wer, "u_wer": biased_result.u_wer,
+                    "phrase_cer": wer.spoken_phrase_cer(refs, hyps, [r["bias"] for r in rows])})
   return summary
 
 

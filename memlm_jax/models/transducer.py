@@ -13,6 +13,11 @@ phrase_len]: the biaser picks and encodes phrases from the stream at the first o
 `context_layers`, whose BiasingAttention hooks add the bias. The loss then adds the biaser's
 retrieval losses (CE-PA, CE-WPA, filter; their targets from the model's own Viterbi alignment).
 Without bias arrays (or without a biaser) the encoder is the plain one.
+
+With `ctc_weight > 0` a linear CTC head on the encoder output adds ctc_weight x its CTC loss (a hybrid
+transducer-CTC, as NeMo's and ESPnet's): CTC must give each label its own frame, so the encoder learns
+to carry each label where it is spoken instead of the whole sentence in the first frames (the RNN-T
+alone lets a full-context encoder emit in bursts; experiments/deferred_nam/README.md).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from flax import nnx
 
 from memlm_jax.layers.conformer import ConformerEncoder
 from memlm_jax.layers.frontend import LogMelFrontend, SpecAugment
-from memlm_jax.losses import rnnt
+from memlm_jax.losses import ctc, rnnt
 from memlm_jax.models import nam
 from memlm_jax.models.transducer_parts import JointNetwork, LstmPredictor
 
@@ -43,12 +48,14 @@ class Transducer(nnx.Module):
                predictor: Callable[..., nnx.Module] = LstmPredictor,
                joint: Callable[..., nnx.Module] = JointNetwork,
                biaser: Callable[..., nnx.Module] | None = None, loss_frame_chunk: int | None = None,
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               ctc_weight: float = 0.0, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if vocab_size < 2:
       raise ValueError(f"Transducer.vocab_size must be >= 2 (blank + at least one label), got {vocab_size}.")
     if loss_frame_chunk is not None and loss_frame_chunk <= 0:
       raise ValueError(f"Transducer.loss_frame_chunk must be a positive number of frames or None, "
                        f"got {loss_frame_chunk}.")
+    if not ctc_weight >= 0:
+      raise ValueError(f"Transducer.ctc_weight must be >= 0 (0 = no CTC head), got {ctc_weight}.")
     self.vocab_size = vocab_size
     self.frontend = frontend(num_mel_bins=num_mel_bins)
     self.spec_augment = spec_augment() if spec_augment is not None else None
@@ -56,6 +63,9 @@ class Transducer(nnx.Module):
     self.predictor = predictor(vocab_size, dtype=dtype, rngs=rngs)
     self.joint = joint(self.encoder.model_dim, self.predictor.output_dim, vocab_size, dtype=dtype, rngs=rngs)
     self.loss_frame_chunk = loss_frame_chunk
+    self.ctc_weight = float(ctc_weight)
+    self.ctc_head = (nnx.Linear(self.encoder.model_dim, vocab_size, dtype=dtype, rngs=rngs) if ctc_weight > 0
+                     else None)
     if biaser is not None and not getattr(self.encoder, "context_layers", ()):
       raise ValueError("Transducer.biaser needs an encoder with biasing blocks: set ConformerEncoder.context_layers "
                        "(e.g. (2,)) and ConformerEncoder.context_module_factory = @BiasingAttention.")
@@ -135,33 +145,41 @@ class Transducer(nnx.Module):
            rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
     """Summed RNN-T loss and label count over the batch (rows with no audio contribute nothing).
 
-    With a biaser the encoder is biased by the batch's phrase lists and loss_sum adds
-    weight_sum x (the biaser's weighted mean CE-PA, CE-WPA and filter losses); each term with a
-    weight > 0 is also reported, unweighted (`rnnt_loss_sum`, `phrase_attention_loss_sum`, ...)."""
+    With a CTC head loss_sum adds ctc_weight x the CTC loss (`ctc_loss_sum`; rows too short for a CTC
+    alignment add none). With a biaser the encoder is biased by the batch's phrase lists and loss_sum
+    adds weight_sum x (the biaser's weighted mean CE-PA, CE-WPA and filter losses). Each added term is
+    also reported unweighted (`rnnt_loss_sum`, `ctc_loss_sum`, `phrase_attention_loss_sum`, ...)."""
     weight_sum = jnp.sum(1.0 - batch["target_paddings"].astype(jnp.float32))
-    if self.biaser is None:
-      nll = self.per_example_nll(batch, deterministic=deterministic, rngs=rngs)
-      return {"loss_sum": jnp.sum(nll), "weight_sum": weight_sum}
-    encoder_out, encoder_paddings = self.encode(batch["audio"], batch["audio_paddings"],
-                                                bias_tokens=batch["bias_tokens"], bias_paddings=batch["bias_paddings"],
-                                                deterministic=deterministic, rngs=rngs)
-    intermediates = self._pop_biasing_intermediates()
+    biased = self.biaser is not None
+    encoder_out, encoder_paddings = self.encode(
+        batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"] if biased else None,
+        bias_paddings=batch["bias_paddings"] if biased else None, deterministic=deterministic, rngs=rngs)
+    intermediates = self._pop_biasing_intermediates() if biased else None
     rnnt_sum = jnp.sum(self._nll(encoder_out, encoder_paddings, batch))
-    sums = {"weight_sum": weight_sum, "rnnt_loss_sum": rnnt_sum}
-    weights = {"phrase_attention": self.biaser.phrase_attention_weight,
-               "wordpiece_attention": self.biaser.wordpiece_attention_weight, "filter": self.biaser.filter_weight}
     total = rnnt_sum
-    utterance_valid = jnp.min(batch["audio_paddings"], axis=1) < 1.0
-    losses = {}
-    if weights["filter"]:
-      losses["filter"] = nam.filter_loss(intermediates["filter_logits"], batch, utterance_valid)
-    if weights["phrase_attention"] or weights["wordpiece_attention"]:  # only these need the alignment
-      emit_frames = self.forced_alignment(encoder_out, encoder_paddings, batch["targets"], batch["target_paddings"])
-      losses.update(nam.attention_losses(intermediates, batch, emit_frames, encoder_paddings, utterance_valid,
-                                         self.biaser.phrase_attention_frames))
-    for name, value in losses.items():  # reported unweighted, added weighted
-      sums[f"{name}_loss_sum"] = value * weight_sum
-      total = total + weights[name] * value * weight_sum
+    sums = {"weight_sum": weight_sum}
+    if biased or self.ctc_head is not None:
+      sums["rnnt_loss_sum"] = rnnt_sum
+    if self.ctc_head is not None:
+      ctc_nll, _ = ctc.ctc_loss(self.ctc_head(encoder_out), encoder_paddings, batch["targets"],
+                                batch["target_paddings"], blank_id=rnnt.BLANK_ID)
+      sums["ctc_loss_sum"] = jnp.sum(ctc_nll)
+      total = total + self.ctc_weight * sums["ctc_loss_sum"]
+    if biased:
+      weights = {"phrase_attention": self.biaser.phrase_attention_weight,
+                 "wordpiece_attention": self.biaser.wordpiece_attention_weight, "filter": self.biaser.filter_weight}
+      utterance_valid = jnp.min(batch["audio_paddings"], axis=1) < 1.0
+      losses = {}
+      if weights["filter"]:
+        losses["filter"] = nam.filter_loss(intermediates["filter_logits"], batch, utterance_valid)
+      if weights["phrase_attention"] or weights["wordpiece_attention"]:  # only these need the alignment
+        emit_frames = self.forced_alignment(encoder_out, encoder_paddings, batch["targets"],
+                                            batch["target_paddings"])
+        losses.update(nam.attention_losses(intermediates, batch, emit_frames, encoder_paddings, utterance_valid,
+                                           self.biaser.phrase_attention_frames))
+      for name, value in losses.items():  # reported unweighted, added weighted
+        sums[f"{name}_loss_sum"] = value * weight_sum
+        total = total + weights[name] * value * weight_sum
     sums["loss_sum"] = total
     return sums
 

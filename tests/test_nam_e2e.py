@@ -66,7 +66,7 @@ def test_base_then_frozen_biaser_then_nam_eval(corpus):
   root, manifests = corpus
   base_dir, nam_dir = str(root / "base"), str(root / "nam")
   lm_runs.parse(["runs/train.gin", "tiny/transducer_synthetic.gin"],
-                TINY + manifests + ["TRAIN_STEPS = 2", f"MODEL_DIR = '{base_dir}'"])
+                TINY + manifests + ["TRAIN_STEPS = 2", f"MODEL_DIR = '{base_dir}'", "Transducer.ctc_weight = 0.3"])
   train_lib.train(base_dir)
 
   nam_config = ["runs/train.gin", "experiments/deferred_nam/d3.gin"]
@@ -84,7 +84,8 @@ def test_base_then_frozen_biaser_then_nam_eval(corpus):
   train_lib.train(nam_dir)
   flat_base, flat_nam = _saved_params(base_dir), _saved_params(nam_dir)
   assert set(flat_base) < set(flat_nam)
-  for path, value in flat_base.items():  # the frozen base model is exactly the one it started from
+  assert any(p.startswith("ctc_head/") for p in flat_base)  # the hybrid base (as tiny/transducer_contacts.gin)
+  for path, value in flat_base.items():  # the frozen base model, CTC head too, is exactly the one it started from
     np.testing.assert_array_equal(flat_nam[path], value, err_msg=path)
   assert any(p.startswith("biaser/") for p in flat_nam) and any(p.startswith("encoder/context_modules/")
                                                                 for p in flat_nam)

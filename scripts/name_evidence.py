@@ -1,6 +1,8 @@
 r"""Where a trained transducer's evidence for a spoken name is: the frames its Viterbi alignment emits the
 labels at, and whether its own likelihood, RNN-T and (with a CTC head) CTC, puts the spoken name first
-among the phrases of the utterance's bias list (the transcript with the name replaced by each phrase).
+among the phrases of the utterance's bias list (the transcript with the name replaced by each phrase);
+also the RNN-T score less ilm_weight x the internal LM's (`Transducer.internal_lm_nll`, ILME), which
+takes the prediction network's prior over the wordpieces out of it.
 
   python scripts/name_evidence.py --config=tiny/transducer_contacts.gin --model_dir=runs/dnam_ctc/base \
       --manifest=runs/contacts_speech/test_n10.jsonl --split=test_n10 [--binding='Transducer.ctc_weight = 0.3']
@@ -63,8 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--utterances", type=int, default=100, help="how many of the split's first utterances")
   parser.add_argument("--candidates", type=int, default=10)
   parser.add_argument("--show_alignments", type=int, default=6)
+  parser.add_argument("--ilm_weights", default="1", help="comma-separated weights of the internal-LM NLL")
   parser.add_argument("--binding", action="append", default=[])
   args = parser.parse_args(argv)
+  ilm_weights = [float(w) for w in args.ilm_weights.split(",") if w]
   manifest = {}
   with open(args.manifest) as f:
     for line in f:
@@ -74,7 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   max_audio, max_target = gin.query_parameter("%MAX_AUDIO_SAMPLES"), gin.query_parameter("%MAX_TARGET_LENGTH")
   encode = jax.jit(lambda audio, paddings: model.encode(audio, paddings))
   rnnt_nll = jax.jit(lambda out, pad, t, tp: model._nll(out, pad, {"targets": t, "target_paddings": tp}))
-  ranks = {"RNN-T": [], "CTC": []} if model.ctc_head is not None else {"RNN-T": []}
+  ranks = {"RNN-T": [], **{f"RNN-T - {w:g} x ILM": [] for w in ilm_weights}}
+  if model.ctc_head is not None:
+    ranks["CTC"] = []
+  internal_lm_nll = jax.jit(model.internal_lm_nll)
   seen, shown = 0, 0
   for batch in speech_features.speech_batches(speech.manifest_task(), args.split, 20, max_audio, max_target,
                                               shuffle=False, include_text=True):
@@ -98,7 +105,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ids = list(vocabulary.encode(text))[:max_target]
         tokens[j, :len(ids)], paddings[j, :len(ids)] = ids, 0.0
       out_i, pad_i = jnp.repeat(out[i:i + 1], len(texts), 0), jnp.repeat(pad[i:i + 1], len(texts), 0)
-      ranks["RNN-T"].append(rank_of_reference(np.asarray(rnnt_nll(out_i, pad_i, tokens, paddings))))
+      nll = np.asarray(rnnt_nll(out_i, pad_i, tokens, paddings))
+      ranks["RNN-T"].append(rank_of_reference(nll))
+      ilm = np.asarray(internal_lm_nll(tokens, paddings))
+      for w in ilm_weights:
+        ranks[f"RNN-T - {w:g} x ILM"].append(rank_of_reference(nll - w * ilm))
       if "CTC" in ranks:
         nll, _ = ctc.ctc_loss(model.ctc_head(out_i), pad_i, tokens, paddings)
         ranks["CTC"].append(rank_of_reference(np.asarray(nll)))

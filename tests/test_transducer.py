@@ -123,6 +123,25 @@ def test_the_ctc_head_adds_its_weighted_loss_and_leaves_the_rnnt_term_alone():
     Transducer(rngs=nnx.Rngs(0))
 
 
+def test_internal_lm_nll_equals_stepping_the_predictor_with_a_zero_encoder_frame():
+  model = _tiny_model()
+  rng = np.random.default_rng(int(np.random.default_rng().integers(1000)))
+  labels = rng.integers(1, 11, size=(3, 5)).astype(np.int32)
+  lengths = np.array([5, 3, 1])
+  paddings = (np.arange(5)[None] >= lengths[:, None]).astype(np.float32)
+  got = model.internal_lm_nll(jnp.asarray(labels), jnp.asarray(paddings))
+  for row in range(3):  # the decoder's own step functions, one label at a time, blank as the start symbol
+    state = model.init_decoder_state(1)
+    previous, expected = 0, 0.0
+    for u in range(lengths[row]):
+      out, state = model.decoder_step(state, jnp.asarray([previous], jnp.int32))
+      logits = np.asarray(model.joint_logits(jnp.zeros((1, 16)), out))[0].astype(np.float64)
+      non_blank = logits[1:] - np.log(np.sum(np.exp(logits[1:])))
+      expected -= non_blank[labels[row, u] - 1]
+      previous = labels[row, u]
+    np.testing.assert_allclose(got[row], expected, rtol=1e-5)
+
+
 def test_training_agrees_on_one_device_and_a_2x4_mesh_and_the_asr_eval_writes_wer(corpus, tmp_path):
   losses = {}
   for name, mesh in (("one", lm_runs.ONE_DEVICE), ("mesh", lm_runs.FSDP2_TENSOR4)):

@@ -216,6 +216,19 @@ class Transducer(nnx.Module):
     unchunk = lambda x: jnp.swapaxes(x, 0, 1).reshape(batch, n_chunks * chunk, -1)[:, :frames]
     return rnnt.viterbi_alignment(unchunk(blank), unchunk(label), encoder_paddings, label_paddings)
 
+  def internal_lm_nll(self, labels: jax.Array, label_paddings: jax.Array) -> jax.Array:
+    """-log p_ILM(labels) per example, [batch] float32: the prediction and joint networks' own prior over
+    label sequences, estimated as in ILME (Meng et al. 2021) by the joint with a zero encoder frame, the
+    softmax renormalised over the non-blank labels. labels, label_paddings [batch, labels].
+
+    Subtracting it from the RNN-T NLL leaves (approximately) the acoustic evidence for the labels."""
+    predictor_out = self.predictor(labels)[:, :labels.shape[1]]  # the output after each label's prefix
+    logits = self.joint(jnp.zeros((1, 1, self.encoder.model_dim), predictor_out.dtype), predictor_out)
+    non_blank = jnp.arange(self.vocab_size) != rnnt.BLANK_ID
+    log_p = jax.nn.log_softmax(jnp.where(non_blank, logits.astype(jnp.float32), -jnp.inf), axis=-1)
+    label_log_p = jnp.take_along_axis(log_p, labels.astype(jnp.int32)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(label_paddings <= 0, label_log_p, 0.0), axis=-1)
+
   # The step functions decoding takes (decoding/transducer_beam.py: TransducerFns.from_model).
 
   def init_decoder_state(self, batch_size: int) -> Any:

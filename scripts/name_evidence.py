@@ -77,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   model, _, vocabulary = restored_transducer_and_batch(args.config, args.model_dir, args.split, 1, args.binding)
   max_audio, max_target = gin.query_parameter("%MAX_AUDIO_SAMPLES"), gin.query_parameter("%MAX_TARGET_LENGTH")
   encode = jax.jit(lambda audio, paddings: model.encode(audio, paddings))
-  rnnt_nll = jax.jit(lambda out, pad, t, tp: model._nll(out, pad, {"targets": t, "target_paddings": tp}))
+  rnnt_nll = jax.jit(lambda out, pad, t, tp: model.nll_of_encoding(out, pad, {"targets": t, "target_paddings": tp}))
   ranks = {"RNN-T": [], **{f"RNN-T - {w:g} x ILM": [] for w in ilm_weights}}
   if model.ctc_head is not None:
     ranks["CTC"] = []
@@ -89,8 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if shown < args.show_alignments:
       emit = np.asarray(model.forced_alignment(out, pad, batch["targets"], batch["target_paddings"]))
       take = min(args.show_alignments - shown, len(emit))
-      pieces = [[vocabulary.tokenizer.id_to_piece(int(t)) for t, p in zip(batch["targets"][i], batch["target_paddings"][i])
-                 if p <= 0] for i in range(take)]
+      pieces = [[vocabulary.tokenizer.id_to_piece(int(t))
+                 for t, p in zip(batch["targets"][i], batch["target_paddings"][i]) if p <= 0] for i in range(take)]
       print("\n".join(alignment_lines(pieces, emit, np.sum(np.asarray(pad) <= 0, axis=1))))
       shown += take
     for i, uid in enumerate(batch["id"]):
@@ -111,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       for w in ilm_weights:
         ranks[f"RNN-T - {w:g} x ILM"].append(rank_of_reference(nll - w * ilm))
       if "CTC" in ranks:
-        nll, _ = ctc.ctc_loss(model.ctc_head(out_i), pad_i, tokens, paddings)
+        nll = ctc.ctc_loss(model.ctc_head(out_i), pad_i, tokens, paddings)
         ranks["CTC"].append(rank_of_reference(np.asarray(nll)))
   for name, values in ranks.items():
     values = np.array(values)

@@ -18,18 +18,18 @@ def frames_needed(labels: jax.Array, label_paddings: jax.Array) -> jax.Array:
 
 
 def ctc_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array, label_paddings: jax.Array, *,
-             blank_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """-log p_CTC(labels | frames) per row, and which rows have an alignment.
+             blank_id: int = 0) -> jax.Array:
+  """-log p_CTC(labels | frames) per row; 0 on a row whose valid frames are fewer than `frames_needed`
+  (it has no alignment).
 
   Args:
     logits: [batch, frames, vocab] (blank at `blank_id`), any float dtype (computed in float32).
     logit_paddings: [batch, frames], 1.0 on padded frames.
     labels: [batch, labels] int; label_paddings: [batch, labels], 1.0 on padded labels (right-padded).
   Returns:
-    (nll [batch] float32, 0.0 on rows without an alignment; feasible [batch] bool: the row's valid
-    frames are at least `frames_needed`).
+    nll [batch] float32.
   """
   feasible = jnp.sum(logit_paddings <= 0, axis=1) >= frames_needed(labels, label_paddings)
   nll = optax.ctc_loss(logits.astype(jnp.float32), logit_paddings.astype(jnp.float32), labels.astype(jnp.int32),
                        label_paddings.astype(jnp.float32), blank_id=blank_id)
-  return jnp.where(feasible, nll, 0.0), feasible
+  return jnp.where(feasible, nll, 0.0)

@@ -125,9 +125,13 @@ class Transducer(nnx.Module):
     """-log p(targets | audio) per example, [batch] float32 (unbiased unless a context is given)."""
     encoder_out, encoder_paddings = self.encode(batch["audio"], batch["audio_paddings"], context=context,
                                                 deterministic=deterministic, rngs=rngs)
-    return self._nll(encoder_out, encoder_paddings, batch)
+    return self.nll_of_encoding(encoder_out, encoder_paddings, batch)
 
-  def _nll(self, encoder_out: jax.Array, encoder_paddings: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  def nll_of_encoding(self, encoder_out: jax.Array, encoder_paddings: jax.Array,
+                      batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The RNN-T -log p(batch's targets | an encoding) per example, [batch] float32: encoder_out [batch,
+    frames', dim], encoder_paddings [batch, frames'], batch["targets"] / ["target_paddings"] [batch, U]
+    (scoring several transcripts against one encoding without encoding it again)."""
     predictor_out = self.predictor(batch["targets"])
     labels, label_paddings = batch["targets"], batch["target_paddings"]
     if self.loss_frame_chunk is None:
@@ -155,14 +159,14 @@ class Transducer(nnx.Module):
         batch["audio"], batch["audio_paddings"], bias_tokens=batch["bias_tokens"] if biased else None,
         bias_paddings=batch["bias_paddings"] if biased else None, deterministic=deterministic, rngs=rngs)
     intermediates = self._pop_biasing_intermediates() if biased else None
-    rnnt_sum = jnp.sum(self._nll(encoder_out, encoder_paddings, batch))
+    rnnt_sum = jnp.sum(self.nll_of_encoding(encoder_out, encoder_paddings, batch))
     total = rnnt_sum
     sums = {"weight_sum": weight_sum}
     if biased or self.ctc_head is not None:
       sums["rnnt_loss_sum"] = rnnt_sum
     if self.ctc_head is not None:
-      ctc_nll, _ = ctc.ctc_loss(self.ctc_head(encoder_out), encoder_paddings, batch["targets"],
-                                batch["target_paddings"], blank_id=rnnt.BLANK_ID)
+      ctc_nll = ctc.ctc_loss(self.ctc_head(encoder_out), encoder_paddings, batch["targets"],
+                            batch["target_paddings"], blank_id=rnnt.BLANK_ID)
       sums["ctc_loss_sum"] = jnp.sum(ctc_nll)
       total = total + self.ctc_weight * sums["ctc_loss_sum"]
     if biased:

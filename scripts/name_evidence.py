@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from memlm_jax.data import speech, speech_features  # noqa: E402
+from memlm_jax.decoding import ctc_spotter  # noqa: E402
 from memlm_jax.losses import ctc  # noqa: E402
 from scripts.transducer_probe import restored_transducer_and_batch  # noqa: E402
 
@@ -48,6 +49,19 @@ def candidate_transcripts(text: str, entities: Sequence[str], bias: Sequence[str
 def rank_of_reference(nll: np.ndarray) -> int:
   """How many candidates score strictly better (lower NLL) than the first, the reference."""
   return int(np.sum(nll[1:] < nll[0]))
+
+
+def phrase_gains_per_token(gains_of, encoder_out, encoder_paddings, phrases: Sequence[str], vocabulary) -> np.ndarray:
+  """[phrases] CTC spotting gain per token (decoding/ctc_spotter.py) of each phrase in one utterance;
+  gains_of(encoder_out [1, frames, dim], paddings [1, frames], tokens, paddings [1, phrases, len])."""
+  ids = [list(vocabulary.encode(p)) for p in phrases]
+  width = max(map(len, ids))
+  tokens = np.zeros((1, len(ids), width), np.int32)
+  paddings = np.ones((1, len(ids), width), np.float32)
+  for b, row in enumerate(ids):
+    tokens[0, b, :len(row)], paddings[0, b, :len(row)] = row, 0.0
+  gains = np.asarray(gains_of(encoder_out, encoder_paddings, tokens, paddings))[0]
+  return gains / np.array([len(row) for row in ids])
 
 
 def alignment_lines(pieces: Sequence[Sequence[str]], emit_frames: np.ndarray, frames: np.ndarray) -> list[str]:
@@ -79,8 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   encode = jax.jit(lambda audio, paddings: model.encode(audio, paddings))
   rnnt_nll = jax.jit(lambda out, pad, t, tp: model.nll_of_encoding(out, pad, {"targets": t, "target_paddings": tp}))
   ranks = {"RNN-T": [], **{f"RNN-T - {w:g} x ILM": [] for w in ilm_weights}}
+  spotting_gains = {"spoken": [], "others": []}
   if model.ctc_head is not None:
     ranks["CTC"] = []
+    ranks["CTC spotting"] = []
+    gains_of = jax.jit(lambda out, pad, t, tp: ctc_spotter.phrase_gains(model.ctc_log_probs(out), pad, t, tp))
   internal_lm_nll = jax.jit(model.internal_lm_nll)
   seen, shown = 0, 0
   for batch in speech_features.speech_batches(speech.manifest_task(), args.split, 20, max_audio, max_target,
@@ -113,10 +130,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if "CTC" in ranks:
         nll = ctc.ctc_loss(model.ctc_head(out_i), pad_i, tokens, paddings)
         ranks["CTC"].append(rank_of_reference(np.asarray(nll)))
+        phrases = [row["entities"][0]] + [p for p in row["bias"] if p not in row["entities"]][:args.candidates - 1]
+        per_token = phrase_gains_per_token(gains_of, out[i:i + 1], pad[i:i + 1], phrases, vocabulary)
+        ranks["CTC spotting"].append(rank_of_reference(-per_token))
+        spotting_gains["spoken"].append(per_token[0])
+        spotting_gains["others"] += list(per_token[1:])
   for name, values in ranks.items():
     values = np.array(values)
     print(f"{name}: the spoken name first in {np.mean(values == 0):.2f} of {len(values)} lists "
           f"(chance {1 / args.candidates:.2f}), mean rank {values.mean():.2f} (chance {(args.candidates - 1) / 2:.1f})")
+  if spotting_gains["spoken"]:
+    for name, values in spotting_gains.items():
+      print(f"CTC spotting gain per token, {name} phrases: quartiles "
+            + " / ".join(f"{q:.2f}" for q in np.percentile(values, [25, 50, 75])))
   return 0
 
 

@@ -18,7 +18,8 @@ from flax import nnx
 from memlm_jax.decoding import kmp
 from memlm_jax.evaluation import bias_lists
 from memlm_jax.launch import asr_lib
-from memlm_jax.launch.biasing import BIAS_LISTS, KmpBiasing, NamBiasing, kmp_sweep
+from memlm_jax.decoding.ctc_spotter import phrase_gains
+from memlm_jax.launch.biasing import BIAS_LISTS, CtcSpotter, KmpBiasing, NamBiasing, kmp_sweep
 from memlm_jax.models.transducer import Transducer
 from memlm_jax.runtime.checkpoints import Checkpointer
 from memlm_jax.evaluation import kmp_table
@@ -56,7 +57,8 @@ def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own
     with pytest.raises(ValueError, match=match):
       KmpBiasing(**{"delta": 1.0, **bad})
   required = dict(model=None, task_name="t", vocabulary=None, max_audio_samples=1, max_target_length=1)
-  for bad, match in ((dict(beam_size=0), "beam_size must be >= 1"), (dict(beam_method="x"), "beam_method must be")):
+  for bad, match in ((dict(beam_size=0), "beam_size must be >= 1"), (dict(beam_method="x"), "beam_method must be"),
+                     (dict(ilm_weight=-1.0), "ilm_weight must be a finite number >= 0")):
     with pytest.raises(ValueError, match=match):
       asr_lib.asr_eval("/nonexistent/model_dir", **required, **bad)
   # A gin binding is checked when gin builds the object, before asr_eval reads anything.
@@ -74,6 +76,14 @@ def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own
   with pytest.raises(ValueError, match="needs KmpBiasing.backend 'kmp'"):
     NamBiasing(kmp=KmpBiasing(0.5, backend="aho_corasick"), kmp_phrases="nam_top_k")
   assert KmpBiasing(0.0, "rescore", bias_lists="anti").name == ""  # off: the unbiased file
+  assert KmpBiasing(2.0, spotter=CtcSpotter(1, 0.5)).name == "_kmp2shallow_ctcspot1t0.5"
+  for bad, match in ((dict(top_k=0), "top_k must be an integer >= 1"), (dict(threshold=-1.0), "threshold must be")):
+    with pytest.raises(ValueError, match=match):
+      CtcSpotter(**bad)
+  with pytest.raises(ValueError, match="spotter .* needs backend 'kmp'|needs backend 'kmp'"):
+    KmpBiasing(1.0, backend="aho_corasick", spotter=CtcSpotter())
+  with pytest.raises(ValueError, match="with a CtcSpotter is not supported"):
+    NamBiasing(kmp=KmpBiasing(1.0, spotter=CtcSpotter()))
 
 
 def test_a_sweep_lists_no_biasing_then_every_delta_of_each_mode_for_each_list_kind():
@@ -194,6 +204,44 @@ def test_delta_zero_is_the_plain_beam_search_and_a_huge_shallow_bonus_spells_an_
       np.testing.assert_array_equal(a, b)
 
 
+def test_the_ctc_spotter_boosts_exactly_the_phrases_it_spots():
+  """A hybrid model's decoder with a CtcSpotter equals the plain KMP decoder given a table of only the
+  phrases that fit best by the CTC head's gain per token (phrase_gains is tested against brute force)."""
+  vocab_size, batch, phrases = 24, 3, 4
+  lm_runs.parse(["models/transducer.gin"], TINY + [f"VOCAB_SIZE = {vocab_size}", "Transducer.ctc_weight = 0.3"])
+  with nnx.use_eager_sharding(False):
+    model = Transducer(rngs=nnx.Rngs(2))
+  graphdef, params = nnx.split(model)
+  sizes = dict(beam_size=3, max_symbols_per_frame=3, max_output_length=12)
+  rng = np.random.default_rng()
+  audio = jnp.asarray(rng.normal(scale=0.1, size=(batch, 4000)), jnp.float32)
+  paddings = jnp.zeros_like(audio).at[1, 3000:].set(1.0)
+  tokens = np.zeros((batch, phrases, 4), np.int32)
+  lengths = rng.integers(1, 5, size=(batch, phrases))
+  lengths[2, 3] = 0  # an empty slot is never spotted
+  for u in range(batch):
+    for b in range(phrases):
+      tokens[u, b, :lengths[u, b]] = rng.integers(1, vocab_size, size=lengths[u, b])
+  bias_paddings = (np.arange(4) >= lengths[..., None]).astype(np.float32)
+  encoder_out, encoder_paddings = model.encode(audio, paddings)
+  per_token = np.asarray(phrase_gains(model.ctc_log_probs(encoder_out), encoder_paddings, jnp.asarray(tokens),
+                                      jnp.asarray(bias_paddings))) / np.maximum(lengths, 1)
+  delta = 3.0
+  for top_k, threshold in ((1, 100.0), (2, 100.0), (1, float(np.median(-per_token[lengths > 0])))):
+    chosen = [[b for b in np.argsort(-per_token[u], kind="stable")[:top_k]
+               if lengths[u, b] and per_token[u, b] >= -threshold] for u in range(batch)]
+    table = kmp.make_batched_phrase_table([[tokens[u, b, :lengths[u, b]].tolist() for b in rows] for u, rows in
+                                           enumerate(chosen)], vocab_size, max_phrases=top_k, max_phrase_length=4,
+                                          chain_width=4)
+    want = asr_lib.make_decoder(graphdef, biasing=KmpBiasing(1.0), **sizes)(params, audio, paddings, table, delta)
+    spotting = KmpBiasing(1.0, spotter=CtcSpotter(top_k, threshold))
+    full_table = spotting.phrase_table(tokens, bias_paddings, vocab_size)
+    got = asr_lib.make_decoder(graphdef, biasing=spotting, **sizes)(
+        params, audio, paddings, full_table, delta, jnp.asarray(tokens), jnp.asarray(bias_paddings))
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)
+
+
 # ----------------------------------------------------------------------------- asr_eval end to end
 
 NAMES = ["zix vup", "qod fam", "kel zor", "mib tas", "yun pol", "wex rud", "jaf lob", "tep gos"]
@@ -282,6 +330,16 @@ def test_asr_eval_boosts_own_or_anti_lists_names_each_run_apart_and_the_table_re
   assert rows[1][1:] == [f"{100 * p[m]:.2f}" for p in (own, anti) for m in kmp_table.METRICS]
   assert kmp_table_script.main([os.path.join(model_dir, "eval"), "--beam_size=2"]) == 0
   assert kmp_table_script.main([os.path.join(model_dir, "eval"), "--beam_size=3"]) == 1
+
+
+def test_asr_eval_names_the_ilm_search_and_refuses_a_spotter_without_a_ctc_head(eval_setup):
+  _, model_dir, config = eval_setup
+  lm_runs.parse(*config)
+  with pytest.raises(ValueError, match="spots phrases with a CTC head .* has none"):
+    asr_lib.asr_eval(model_dir, biasing=KmpBiasing(1.0, spotter=CtcSpotter()))
+  payload = asr_lib.asr_eval(model_dir, ilm_weight=0.5)
+  written, rows = _results(model_dir, "_ilm0.5")
+  assert written == json.loads(json.dumps(payload)) and payload["ilm_weight"] == 0.5 and len(rows) == 6
 
 
 @pytest.mark.slow  # a second sweep over the fixture (about a minute on 2 CPU cores)

@@ -1,6 +1,7 @@
 """Transducer greedy decoding and both beam searches ('tsd', 'one_pass') against naive loops,
 a naive time-synchronous search and brute-force enumeration."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -557,6 +558,57 @@ def test_fusion_state_follows_parent(mode, method):
       np.testing.assert_allclose(score, expected, rtol=1e-6, err_msg=str(labels))
 
 
+# Internal-LM subtraction.
+
+
+def prior_table_model(table: np.ndarray, prior: np.ndarray, max_count: int):
+  """table_model plus a label prior that depends on the context only: logits = table[frame, context] +
+  prior[context], so the joint with a zero encoder frame is prior[context] (its internal LM)."""
+  fns, enc = table_model(table, max_count)
+  prior = jnp.asarray(prior, jnp.float32)
+  return dataclasses.replace(fns, joint=lambda e, p: fns.joint(e, p) + p @ prior), enc
+
+
+def prior_log_prob(prior: np.ndarray, labels: tuple, vocab: int, max_count: int) -> float:
+  """log p_ILM(labels): each label under the softmax of prior[its context] over the non-blank labels."""
+  total, last = 0.0, 0
+  for count, y in enumerate(labels):
+    total += log_softmax(prior[context_index(last, count, vocab, max_count), 1:])[y - 1]
+    last = y
+  return total
+
+
+@pytest.mark.parametrize("method", BEAM_METHODS)
+@pytest.mark.parametrize("ilm_weight", [0.5, 1.3])
+def test_ilm_subtraction_unbounded_beam_equals_brute_force(ilm_weight, method):
+  """Every label sequence's score is its log-sum over alignments less ilm_weight x its log-prob under
+  the internal LM (the joint with a zero frame, blank left out), computed here label by label."""
+  frames, max_symbols, vocab, max_len = 3, 2, 3, 5
+  rng = np.random.default_rng(int(ilm_weight * 10) + len(method))
+  contexts = (max_len + 1) * vocab
+  table = rng.normal(size=(frames, contexts, vocab))
+  prior = rng.normal(size=(contexts, vocab)) * 2.0
+  fns, enc = prior_table_model(table, prior, max_count=max_len)
+  expected, _ = brute_force(table + prior[None], max_len, max_symbols, max_len,
+                            path_bonus=lambda y: -ilm_weight * prior_log_prob(prior, y, vocab, max_len))
+  beam = len(expected) + 1 if method == "tsd" else 2 * len(expected)
+  result = jit_beam(fns, beam_size=beam, max_symbols_per_frame=max_symbols, max_output_length=max_len,
+                    method=method, ilm_weight=ilm_weight)(enc, jnp.zeros(enc.shape[:2]))
+  found = hypotheses(result)
+  assert set(found) == set(expected)
+  for labels, score in found.items():
+    np.testing.assert_allclose(score, expected[labels], atol=1e-4, err_msg=str(labels))
+
+
+def test_ilm_weight_zero_is_the_plain_search():
+  enc, paddings = random_inputs(seed=5, batch=2, frames=6, lengths=[6, 3])
+  plain = beam_of(3, 4, 2, 8)(enc, paddings)
+  zero = jit_beam(rnn_model(3), beam_size=4, max_symbols_per_frame=2, max_output_length=8, ilm_weight=0.0)(enc,
+                                                                                                        paddings)
+  for a, b in zip(plain, zero):
+    np.testing.assert_array_equal(a, b)
+
+
 # Bad input.
 
 
@@ -576,3 +628,6 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="fusion_top_k"):
     beam_search(fns, enc, paddings, beam_size=2, max_output_length=4,
                 fusion=constant_fusion(5, np.zeros(5)), fusion_top_k=5)
+  for bad in (-0.5, float("nan"), float("inf"), True, "1"):
+    with pytest.raises(ValueError, match="ilm_weight must be a finite number >= 0"):
+      beam_search(fns, enc, paddings, beam_size=2, max_output_length=4, ilm_weight=bad)

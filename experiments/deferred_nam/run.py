@@ -4,13 +4,14 @@ then every setting on the held-out-name test set with bias lists of N = 10, 100,
 and anti-biasing, printed beside the paper's claims.
 
   python experiments/deferred_nam/run.py [--data_dir=runs/contacts_speech] [--out_dir=runs/dnam] \
-      [--list_sizes=10,100,1000] [--variants=b1,d1,d2,d3] [--kmp_delta=0.25] [--binding=...]
+      [--list_sizes=10,100,1000] [--variants=b1,d1,d2,d3] [--kmp_delta=0.25] [--spot_delta=3] [--binding=...]
 
 Every step resumes: an existing corpus, vocabulary or finished training is kept (a killed training
 continues from its newest checkpoint), and each eval's summary is kept in OUT_DIR/results.json, so
 a rerun only computes what is missing. Models: OUT_DIR/base (tiny/transducer_contacts.gin) and
 OUT_DIR/<variant> (<variant>.gin beside this script). Rows (beam 4): no biasing; KMP shallow fusion
-(the base model); B1, D1, D2, D3 (NAM only); D3 + KMP over the whole list; D3 + KMP over the K
+(the base model); KMP of only the phrases the base model's CTC head spots (KmpBiasing.spotter,
+--spot_*); B1, D1, D2, D3 (NAM only); D3 + KMP over the whole list; D3 + KMP over the K
 phrases NAM selected. The tables go to stdout and OUT_DIR/table.md.
 """
 
@@ -34,7 +35,7 @@ from memlm_jax import gin_utils  # noqa: E402
 from memlm_jax import registry  # noqa: E402,F401  (every gin configurable)
 from memlm_jax.evaluation.passkey_report import markdown  # noqa: E402
 from memlm_jax.launch import asr_lib, train_lib  # noqa: E402
-from memlm_jax.launch.biasing import KmpBiasing, NamBiasing  # noqa: E402
+from memlm_jax.launch.biasing import CtcSpotter, KmpBiasing, NamBiasing  # noqa: E402
 from scripts import make_synthetic_speech, train_spm  # noqa: E402
 
 BASE_CONFIG = "tiny/transducer_contacts.gin"
@@ -85,10 +86,28 @@ def train(variant: str, out_dir: str, common: Sequence[str]) -> None:
   train_lib.train(model_dir)
 
 
-def _settings(variant: str, kmp_delta: float) -> dict[str, Any]:
-  """{row label: biasing setting} evaluated on `variant`'s model."""
+@dataclasses.dataclass(frozen=True)
+class Spotting:
+  """The CTC-spotting row: KMP at `delta` over the `top_k` phrases the base model's CTC head spots, each
+  losing at most `threshold` nats per token (launch/biasing.py: CtcSpotter); delta 0 = no such row."""
+  delta: float = 3.0
+  top_k: int = 1
+  threshold: float = 3.0
+
+  @property
+  def label(self) -> str:
+    return (f"KMP over the CTC-spotted phrases (top {self.top_k}, {self.threshold:g} nats/token), "
+            f"delta={self.delta:g}")
+
+
+def _settings(variant: str, kmp_delta: float, spotting: Spotting = Spotting()) -> dict[str, Any]:
+  """{row label: biasing setting} evaluated on `variant`'s model (the spotting row needs a CTC head:
+  Transducer.ctc_weight > 0)."""
   if variant == "base":
-    return {"no biasing": None, f"KMP shallow, delta={kmp_delta:g}": KmpBiasing(delta=kmp_delta)}
+    rows = {"no biasing": None, f"KMP shallow, delta={kmp_delta:g}": KmpBiasing(delta=kmp_delta)}
+    if spotting.delta and gin.query_parameter("Transducer.ctc_weight"):
+      rows[spotting.label] = KmpBiasing(delta=spotting.delta, spotter=CtcSpotter(spotting.top_k, spotting.threshold))
+    return rows
   rows = {VARIANT_LABELS[variant]: NamBiasing()}
   if variant == "d3":
     booster = KmpBiasing(delta=kmp_delta)
@@ -106,18 +125,19 @@ def _anti(setting: Any) -> Any:
 
 
 def evaluate(variant: str, out_dir: str, common: Sequence[str], list_sizes: Sequence[int], kmp_delta: float,
-             results: dict[str, Any], save) -> None:
+             results: dict[str, Any], save, spotting: Spotting = Spotting()) -> None:
   """Every setting of `variant` on test_n<N>, own and anti lists, into results[row][N] (skips what is there)."""
   model_dir = os.path.join(out_dir, variant)
   for size in list_sizes:
     done = results.get("no biasing", {})
     if variant == "base" and done and str(size) not in done:  # without biasing the list changes nothing
       done[str(size)] = next(iter(done.values()))
-    todo = {label: s for label, s in _settings(variant, kmp_delta).items() if str(size) not in results.get(label, {})}
-    if not todo:
-      continue
     _parse(["runs/asr_eval.gin", _config(variant)],
            [*common, f"MODEL_DIR = {model_dir!r}", f"speech_dataset.max_phrases = {max(size, 32)}"])
+    todo = {label: s for label, s in _settings(variant, kmp_delta, spotting).items()
+            if str(size) not in results.get(label, {})}
+    if not todo:
+      continue
     labels, settings = [], []
     for label, setting in todo.items():
       labels.append(label)
@@ -134,7 +154,7 @@ def _summary(payload: dict) -> dict[str, float]:
   return {k: payload[k] for k in ("wer", "b_wer", "u_wer", "phrase_cer", "reference_words", "step") if k in payload}
 
 
-ROW_ORDER = ("no biasing", "KMP", "B1", "D1", "D2", "D3:", "D3 + KMP (all", "D3 + KMP (NAM")
+ROW_ORDER = ("no biasing", "KMP", "KMP over", "B1", "D1", "D2", "D3:", "D3 + KMP (all", "D3 + KMP (NAM")
 
 
 def _row_rank(label: str) -> tuple[int, str]:
@@ -166,7 +186,7 @@ def tables(results: dict[str, Any], list_sizes: Sequence[int]) -> str:
 
 
 def run(data_dir: str, out_dir: str, list_sizes: Sequence[int], variants: Sequence[str], kmp_delta: float,
-        bindings: Sequence[str] = (), vocab_size: int = 128) -> str:
+        bindings: Sequence[str] = (), vocab_size: int = 128, spotting: Spotting = Spotting()) -> str:
   make_data(data_dir, vocab_size)
   common = [*corpus_bindings(data_dir), *bindings]
   os.makedirs(out_dir, exist_ok=True)
@@ -180,7 +200,7 @@ def run(data_dir: str, out_dir: str, list_sizes: Sequence[int], variants: Sequen
 
   for variant in ("base", *variants):  # each model's rows as soon as it is trained
     train(variant, out_dir, common)
-    evaluate(variant, out_dir, common, list_sizes, kmp_delta, results, save)
+    evaluate(variant, out_dir, common, list_sizes, kmp_delta, results, save, spotting)
   table = tables(results, list_sizes)
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(table + "\n")
@@ -194,6 +214,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--list_sizes", default="10,100,1000", help="bias list sizes N (test_n<N> manifests)")
   parser.add_argument("--variants", default=",".join(VARIANTS), help=f"biasers to train and evaluate, of {VARIANTS}")
   parser.add_argument("--kmp_delta", type=float, default=0.25, help="KMP bonus per matched token")
+  parser.add_argument("--spot_delta", type=float, default=Spotting.delta,
+                      help="KMP bonus of the CTC-spotting row (0 = no such row)")
+  parser.add_argument("--spot_top_k", type=int, default=Spotting.top_k, help="phrases the CTC head spots per utterance")
+  parser.add_argument("--spot_threshold", type=float, default=Spotting.threshold,
+                      help="most nats per token a spotted phrase may lose against the CTC head's best labels")
   parser.add_argument("--vocab_size", type=int, default=128)
   parser.add_argument("--binding", action="append", default=[],
                       help="extra gin binding for every training and eval, e.g. --binding='TRAIN_STEPS = 500'")
@@ -205,7 +230,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown or any(n not in (10, 100, 1000) for n in list_sizes):
       raise ValueError(f"--variants must be of {VARIANTS} (got {unknown}) and --list_sizes of 10, 100, 1000 "
                        f"(got {list_sizes}).")
-    print(run(args.data_dir, args.out_dir, list_sizes, variants, args.kmp_delta, args.binding, args.vocab_size))
+    spotting = Spotting(args.spot_delta, args.spot_top_k, args.spot_threshold)
+    print(run(args.data_dir, args.out_dir, list_sizes, variants, args.kmp_delta, args.binding, args.vocab_size,
+              spotting))
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 1

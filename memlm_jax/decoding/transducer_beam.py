@@ -45,6 +45,14 @@ pruning (a lower bound). 'one_pass' merges after the last pruning of a frame too
 can end with fewer than `beam_size` distinct hypotheses ('tsd' merges before pruning); empty
 slots have score -inf.
 
+Internal-LM subtraction (`ilm_weight` w > 0, ILME fusion: Meng et al. 2021): every label's log-prob
+becomes log p(label | frame, prefix) - w log p_ILM(label | prefix), where p_ILM is the prediction and
+joint networks' own prior, the joint with a zero encoder frame and its softmax renormalised over the
+non-blank labels (Transducer.internal_lm_nll scores whole sequences the same way). Blank is unchanged.
+It takes out the label prior the prediction network learned from the training transcripts, so that
+an unseen word (a held-out name in a bias list) is not outvoted by familiar ones; the bonuses are
+positive, so the 'tsd' drop below is a pruning heuristic then too.
+
 Score fusion (`ScoreFusion`) plugs an external scorer (LM shallow fusion, KMP phrase
 boosting) into the search without editing it: its state rides along with each hypothesis
 like the predictor state, and its bonuses are added to the hypothesis scores, either
@@ -198,6 +206,12 @@ def greedy_decode(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: 
 
 # Beam search.
 
+def check_ilm_weight(ilm_weight: Any) -> None:
+  """The internal-LM weight's one check: a finite number >= 0."""
+  if isinstance(ilm_weight, bool) or not isinstance(ilm_weight, (int, float)) or not 0 <= ilm_weight < float("inf"):
+    raise ValueError(f"ilm_weight must be a finite number >= 0 (0 = no internal-LM subtraction), got {ilm_weight!r}.")
+
+
 BEAM_METHODS = ("tsd", "one_pass")
 
 
@@ -275,12 +289,19 @@ class _Expander:
   fusion_top_k: int | None
   max_symbols_per_frame: int
   max_output_length: int
+  ilm_weight: float = 0.0
 
   def log_probs(self, hyps: _Hyps, enc_frame: jax.Array) -> jax.Array:
-    """[batch, n, vocab] float32 next-symbol log-probs; enc_frame [batch * n, enc_dim]."""
+    """[batch, n, vocab] float32 next-symbol log-probs (labels less ilm_weight x the internal LM's);
+    enc_frame [batch * n, enc_dim]."""
     batch = hyps.scores.shape[0]
-    logits = self.fns.joint(enc_frame, _flatten_slots(hyps.pred_out))
+    pred_out = _flatten_slots(hyps.pred_out)
+    logits = self.fns.joint(enc_frame, pred_out)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(batch, -1, logits.shape[-1])
+    if self.ilm_weight:
+      prior = self.fns.joint(jnp.zeros_like(enc_frame), pred_out).astype(jnp.float32)
+      prior_logp = jax.nn.log_softmax(prior[:, 1:], axis=-1).reshape(batch, -1, logits.shape[-1] - 1)
+      logp = logp.at[..., 1:].add(-self.ilm_weight * prior_logp)
     if self.fusion_top_k is not None and self.fusion_top_k > logp.shape[-1] - 1:
       raise ValueError(f"fusion_top_k={self.fusion_top_k} exceeds the {logp.shape[-1] - 1} non-blank labels.")
     return logp
@@ -407,7 +428,7 @@ def _one_pass_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, ja
 
 def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: jax.Array, *, beam_size: int,
                 max_symbols_per_frame: int = 2, max_output_length: int, fusion: ScoreFusion | None = None,
-                fusion_top_k: int | None = None, method: str = "tsd") -> BeamResult:
+                fusion_top_k: int | None = None, method: str = "tsd", ilm_weight: float = 0.0) -> BeamResult:
   """Fixed-shape, time-synchronous transducer beam search (see the module docstring).
 
   Args:
@@ -422,6 +443,8 @@ def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: ja
       by model log-prob (None = all labels).
     method: 'tsd' (ended and active hypotheses in separate sets of beam_size slots) or
       'one_pass' (one shared set; beam 1 is greedy). See the module docstring.
+    ilm_weight: w >= 0 of the internal-LM subtraction (module docstring; 0 = off). A Python float: it
+      decides what is compiled.
   Returns:
     BeamResult sorted best first. Merging log-adds the total (model + fusion) scores, which
     is exact when the fusion bonus depends only on the label sequence.
@@ -433,9 +456,10 @@ def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: ja
     raise ValueError(f"fusion_top_k={fusion_top_k} needs a 'shallow' ScoreFusion and a value >= 1.")
   if method not in BEAM_METHODS:
     raise ValueError(f"beam search method must be one of {BEAM_METHODS}, got {method!r}.")
+  check_ilm_weight(ilm_weight)
   batch, k = encoder_out.shape[0], beam_size
   rows = jnp.arange(batch)[:, None]
-  expander = _Expander(fns, fusion, fusion_top_k, max_symbols_per_frame, max_output_length)
+  expander = _Expander(fns, fusion, fusion_top_k, max_symbols_per_frame, max_output_length, float(ilm_weight))
 
   pred_out, pred_state = fns.predictor_step(fns.predictor_init(batch * k), jnp.zeros((batch * k,), jnp.int32))
   beam = _Hyps(

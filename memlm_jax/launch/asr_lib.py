@@ -9,7 +9,9 @@ search) and writes MODEL_DIR/eval/asr_<split>_beam<K><method><biasing>_step<N>.j
 substitutions, deletions and insertions; B-WER / U-WER when the task carries per-utterance bias
 lists) and the same name .jsonl (id, reference, hypothesis per utterance); K = 1 is greedy.
 beam_method picks the beam search (memlm_jax/decoding/transducer_beam.py): 'tsd' (default,
-<method> = '') or 'one_pass' (<method> = '_onepass').
+<method> = '') or 'one_pass' (<method> = '_onepass'). ilm_weight w > 0 subtracts w x the internal
+LM's log-prob from every label's in the search (ILME fusion; beam 1 is then a beam search, not
+greedy) and adds '_ilm<w>' to <method>.
 
 Biasing: `asr_eval.biasing = @KmpBiasing()` (launch/biasing.py; off when None or delta 0), or
 `@NamBiasing()` for a model with a Deferred-NAM biaser: its encoder reads each utterance's list
@@ -44,7 +46,8 @@ from absl import logging
 from flax import nnx
 
 from memlm_jax.data import pipeline, speech_features
-from memlm_jax.decoding.transducer_beam import BEAM_METHODS, TransducerFns, beam_search, greedy_decode
+from memlm_jax.decoding.transducer_beam import (BEAM_METHODS, TransducerFns, beam_search, check_ilm_weight,
+                                                greedy_decode)
 from memlm_jax.evaluation import bias_lists, wer
 from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing, NamBiasing
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
@@ -58,34 +61,37 @@ Biasing = KmpBiasing | NamBiasing
 Decoder = Callable[..., tuple[jax.Array, jax.Array]]
 
 
-def check_search(beam_size: int, method: str) -> None:
+def check_search(beam_size: int, method: str, ilm_weight: float = 0.0) -> None:
   """The search settings' one check (asr_eval runs it before reading a checkpoint)."""
+  check_ilm_weight(ilm_weight)
   if beam_size < 1:
     raise ValueError(f"asr_eval.beam_size must be >= 1, got {beam_size}.")
   if method not in BEAM_METHODS:
     raise ValueError(f"asr_eval.beam_method must be one of {BEAM_METHODS}, got {method!r}.")
 
 
-def _method_name(method: str) -> str:
-  """File-name part of the beam search method: '' for the default 'tsd', else e.g. '_onepass'."""
-  return "" if method == "tsd" else "_" + method.replace("_", "")
+def _method_name(method: str, ilm_weight: float = 0.0) -> str:
+  """File-name part of the search: '' for the default 'tsd' without ILM subtraction, else e.g.
+  '_onepass', '_ilm0.5', '_onepass_ilm1'."""
+  return ("" if method == "tsd" else "_" + method.replace("_", "")) + (f"_ilm{ilm_weight:g}" if ilm_weight else "")
 
 
 def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_frame: int, max_output_length: int,
-                 method: str = "tsd", biasing: Biasing | None = None) -> Decoder:
+                 method: str = "tsd", biasing: Biasing | None = None, ilm_weight: float = 0.0) -> Decoder:
   """The jitted decoder of a transducer: decode(params, audio [batch, samples], audio_paddings
   [batch, samples], table=None, delta=None, bias_tokens=None, bias_paddings=None) -> (tokens [batch,
   max_output_length], lengths [batch]).
 
-  Without KMP boosting: greedy decoding when beam_size is 1, else `beam_search` with `method`
-  ('tsd' or 'one_pass'). With KMP boosting (a KmpBiasing, or a NamBiasing with kmp): the beam
+  Without KMP boosting or ILM subtraction: greedy decoding when beam_size is 1, else `beam_search`
+  with `method` ('tsd' or 'one_pass') and `ilm_weight` (transducer_beam's internal-LM subtraction). With KMP boosting (a KmpBiasing, or a NamBiasing with kmp): the beam
   search (beam 1 included) fused with the boosting of `table`, a batched PhraseTable (row u biases
   utterance u), at bonus `delta`, a traced scalar, so every bonus (0 included: exactly the unbiased
   beam search) and every phrase list of the same shape reuse one compilation. With NamBiasing the
   encoder reads bias_tokens / bias_paddings [batch, phrases, phrase_len] through the model's
-  biaser (and KMP may boost only the K phrases it selected). Only biasing's `decoder_key` is built in.
+  biaser (and KMP may boost only the K phrases it selected); with a KmpBiasing.spotter the model's
+  CTC head picks the phrases KMP boosts from bias_tokens. Only biasing's `decoder_key` is built in.
   """
-  check_search(beam_size, method)
+  check_search(beam_size, method, ilm_weight)
   search = dict(max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length)
   kmp = None if biasing is None or not biasing.delta else biasing
 
@@ -97,12 +103,15 @@ def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_fram
       encoder_out, encoder_paddings, selected = net.encode_biased(audio, audio_paddings, bias_tokens, bias_paddings)
     else:
       encoder_out, encoder_paddings = net.encode(audio, audio_paddings)
+    if kmp is not None and getattr(kmp, "spotter", None) is not None:
+      selected = kmp.spotter.select(net.ctc_log_probs(encoder_out), encoder_paddings, bias_tokens, bias_paddings)
     fns = TransducerFns.from_model(net)
-    if kmp is None and beam_size == 1:
+    if kmp is None and beam_size == 1 and not ilm_weight:
       return greedy_decode(fns, encoder_out, encoder_paddings, **search)
     fusion = None if kmp is None else kmp.fusion(table, delta, selected)
     best = beam_search(fns, encoder_out, encoder_paddings, beam_size=beam_size, fusion=fusion,
-                       fusion_top_k=None if kmp is None else kmp.top_k, method=method, **search)
+                       fusion_top_k=None if kmp is None else kmp.top_k, method=method, ilm_weight=ilm_weight,
+                       **search)
     return best.tokens[:, 0], best.lengths[:, 0]
 
   return decode
@@ -210,7 +219,7 @@ class _SplitDecoder:
       bias_lists.check_spelling(phrase, phrase_tokens[phrase], self.vocabulary)
       self._spelled.add(phrase)
     inputs = {}
-    if biasing.uses_context:
+    if biasing.reads_phrase_arrays:
       inputs.update(self._global({"bias_tokens": tokens, "bias_paddings": paddings}))
     if biasing.delta:
       inputs["table"] = self._global(biasing.phrase_table(tokens, paddings, self.vocabulary.vocab_size))
@@ -269,7 +278,8 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
              vocabulary: seqio.Vocabulary = gin.REQUIRED, split: str = "test", batch_size: int = 8,
              max_audio_samples: int = gin.REQUIRED, max_target_length: int = gin.REQUIRED,
              max_output_length: int | None = None, beam_size: int = 1, max_symbols_per_frame: int = 32,
-             beam_method: str = "tsd", biasing: Biasing | Sequence[Biasing | None] | None = None,
+             beam_method: str = "tsd", ilm_weight: float = 0.0,
+             biasing: Biasing | Sequence[Biasing | None] | None = None,
              checkpoint_step: int | None = None, partitioner: Callable[[], Partitioner] = Partitioner) -> dict:
   """Decodes `split` of `task_name` and returns (and writes) the WER summary.
 
@@ -279,11 +289,11 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     max_output_length: hypothesis width (default max_target_length).
     batch_size: utterances per decode step over all hosts (each host decodes batch_size / hosts of
       its own shard of the split; the rows of every host are gathered before scoring).
-    beam_size, max_symbols_per_frame, beam_method: the search (module docstring).
+    beam_size, max_symbols_per_frame, beam_method, ilm_weight: the search (module docstring).
     biasing: a KmpBiasing or NamBiasing (None = off), or a list of settings decoded in turn (module
       docstring).
   """
-  check_search(beam_size, beam_method)
+  check_search(beam_size, beam_method, ilm_weight)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"asr_eval.batch_size must be a positive integer, got {batch_size!r}.")
   settings = list(biasing) if isinstance(biasing, (list, tuple)) else [biasing]
@@ -295,6 +305,10 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
                      f"input shards ({shard[1]}, one per host or per group of hosts holding the same rows).")
   check_writable(model_dir, "eval")
   restored = restore_for_inference(model_dir, model, parts, checkpoint_step)
+  needs_ctc_head = [s.name[1:] for s in settings if s is not None and s.enabled and getattr(s, "spotter", None)]
+  if needs_ctc_head and "ctc_head" not in restored.params:
+    raise ValueError(f"asr_eval.biasing ({needs_ctc_head[0]}) spots phrases with a CTC head (KmpBiasing.spotter); "
+                     f"the model in {model_dir} has none (Transducer.ctc_weight = 0).")
   needs_biaser = [s.name[1:] for s in settings if s is not None and s.enabled and s.uses_context]
   if needs_biaser and "biaser" not in restored.params:
     raise ValueError(f"asr_eval.biasing ({needs_biaser[0]}) needs a model with a biaser (Transducer.biaser = "
@@ -309,7 +323,7 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
 
   decoder = _SplitDecoder(restored, batches, vocabulary, task_name, dict(
       beam_size=beam_size, max_symbols_per_frame=max_symbols_per_frame,
-      max_output_length=max_output_length or max_target_length, method=beam_method))
+      max_output_length=max_output_length or max_target_length, method=beam_method, ilm_weight=ilm_weight))
   payloads = []
   for setting in settings:
     setting = setting if setting is not None and setting.enabled else None
@@ -320,12 +334,12 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     settings = {"task": task_name, "split": split, "batch_size": batch_size, "max_audio_samples": max_audio_samples,
                 "max_target_length": max_target_length, "max_output_length": max_output_length,
                 "beam_size": beam_size, "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
-                **biasing_summary}
+                **({"ilm_weight": ilm_weight} if ilm_weight else {}), **biasing_summary}
     payload = {"task": task_name, "split": split, "step": restored.step, "utterances": len(rows),
                "beam_size": beam_size, "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
-               "settings": settings, **_wer_summary(rows), **biasing_summary, "timing": timing}
+               "ilm_weight": ilm_weight, "settings": settings, **_wer_summary(rows), **biasing_summary, "timing": timing}
     if jax.process_index() == 0:
-      name = settings_name(f"asr_{split}_beam{beam_size}{_method_name(beam_method)}"
+      name = settings_name(f"asr_{split}_beam{beam_size}{_method_name(beam_method, ilm_weight)}"
                            f"{'' if setting is None else setting.name}", settings, restored.step)
       base = os.path.join(model_dir, "eval", name)
       write_json(base + ".json", payload)

@@ -18,8 +18,10 @@ import numbers
 from typing import Any, Sequence
 
 import gin
+import jax
 import numpy as np
 
+from memlm_jax.decoding import ctc_spotter
 from memlm_jax.decoding.aho_corasick import PhraseAutomaton, automaton_from_padded
 from memlm_jax.decoding.boosting import phrase_fusion
 from memlm_jax.decoding.kmp import PhraseTable, phrase_table_from_padded, select_phrases
@@ -30,6 +32,34 @@ BOOSTING_BACKENDS = ("kmp", "aho_corasick")
 BIAS_LISTS = ("utterance", "anti")
 # What the result JSON records without biasing.
 NO_BIASING = {"biasing_delta": 0.0, "biasing_mode": None, "biasing_top_k": None, "bias_lists": None}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CtcSpotter:
+  """Boost only the phrases a hybrid model's CTC head spots (decoding/ctc_spotter.py): the `top_k` of the
+  list that fit the utterance best, by CTC log-likelihood lost per token against the frame-wise best
+  labels, and only those that lose at most `threshold` nats per token. The model needs a CTC head
+  (Transducer.ctc_weight > 0)."""
+  top_k: int = 1
+  threshold: float = 1.0
+
+  def __post_init__(self):
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+      raise ValueError(f"CtcSpotter.top_k must be an integer >= 1, got {self.top_k!r}.")
+    if not (isinstance(self.threshold, numbers.Real) and 0 <= self.threshold < float("inf")):
+      raise ValueError(f"CtcSpotter.threshold must be a finite number of nats per token >= 0, got {self.threshold!r}.")
+
+  @property
+  def name(self) -> str:
+    return f"_ctcspot{self.top_k}t{self.threshold:g}"
+
+  def select(self, ctc_log_probs: jax.Array, frame_paddings: jax.Array, bias_tokens: jax.Array,
+             bias_paddings: jax.Array) -> jax.Array:
+    """[batch, top_k] indices of the spotted phrases (-1: none) from ctc_log_probs [batch, frames, vocab],
+    frame_paddings [batch, frames] and the lists bias_tokens / bias_paddings [batch, phrases, phrase_len]."""
+    gains = ctc_spotter.phrase_gains(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)
+    return ctc_spotter.spotted_phrases(gains, bias_paddings, self.top_k, self.threshold)
 
 
 @gin.configurable
@@ -52,6 +82,8 @@ class KmpBiasing:
   fanout_width: 'aho_corasick': fixed children per automaton node (None = the widest node of each
     batch's lists rounded up to a power of two: a new compilation when a batch needs a wider one).
   anti_seed: seed of the anti-biasing draw.
+  spotter: None (boost the whole list) or a CtcSpotter: boost only the phrases it spots in the
+    utterance ('kmp' backend; the model needs a CTC head).
   """
   delta: float = gin.REQUIRED
   mode: str = "shallow"
@@ -61,6 +93,7 @@ class KmpBiasing:
   chain_width: int | None = None
   fanout_width: int | None = None
   anti_seed: int = 0
+  spotter: CtcSpotter | None = None
 
   def __post_init__(self):
     if not (isinstance(self.delta, numbers.Real) and np.isfinite(self.delta) and self.delta >= 0):
@@ -77,9 +110,19 @@ class KmpBiasing:
     for name in ("chain_width", "fanout_width"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"KmpBiasing.{name} must be >= 1 (or None), got {getattr(self, name)}.")
+    if self.spotter is not None and not isinstance(self.spotter, CtcSpotter):
+      raise ValueError(f"KmpBiasing.spotter must be a CtcSpotter or None, got {self.spotter!r}.")
+    if self.spotter is not None and self.backend != "kmp":
+      raise ValueError(f"KmpBiasing.spotter gathers the spotted phrases from a KMP table on the device; it needs "
+                       f"backend 'kmp', got {self.backend!r}.")
 
   # A KMP setting boosts in the search only; the encoder reads no phrases.
   uses_context = False
+
+  @property
+  def reads_phrase_arrays(self) -> bool:
+    """Whether the decoder needs the lists' token arrays (the spotter scores them)."""
+    return self.spotter is not None
 
   @property
   def enabled(self) -> bool:
@@ -94,19 +137,23 @@ class KmpBiasing:
     top = "" if self.top_k is None else f"_top{self.top_k}"
     anti = "_anti" if self.bias_lists == "anti" else ""
     backend = "_ac" if self.backend == "aho_corasick" else ""
-    return f"_kmp{self.delta:g}{self.mode}{top}{anti}{backend}"
+    spotter = "" if self.spotter is None else self.spotter.name
+    return f"_kmp{self.delta:g}{self.mode}{top}{spotter}{anti}{backend}"
 
   @property
   def decoder_key(self) -> tuple:
     """What the compiled decoder depends on (delta, lists and seed are its inputs)."""
-    return ("kmp", self.mode, self.top_k, self.backend)
+    return ("kmp", self.mode, self.top_k, self.backend, self.spotter)
 
   def summary(self) -> dict[str, Any]:
     """The settings the result JSON records (NO_BIASING when off)."""
     if not self.enabled:
       return dict(NO_BIASING)
-    return {"biasing_delta": float(self.delta), "biasing_mode": self.mode, "biasing_top_k": self.top_k,
-            "bias_lists": self.bias_lists, "biasing_backend": self.backend}
+    summary = {"biasing_delta": float(self.delta), "biasing_mode": self.mode, "biasing_top_k": self.top_k,
+               "bias_lists": self.bias_lists, "biasing_backend": self.backend}
+    if self.spotter is not None:
+      summary["ctc_spotter"] = dataclasses.asdict(self.spotter)
+    return summary
 
   def phrase_table(self, bias_tokens: np.ndarray, bias_paddings: np.ndarray,
                    vocab_size: int) -> PhraseTable | PhraseAutomaton:
@@ -160,6 +207,7 @@ class NamBiasing:
   anti_seed: int = 0
 
   uses_context = True
+  reads_phrase_arrays = True
   enabled = True
 
   def __post_init__(self):
@@ -169,6 +217,9 @@ class NamBiasing:
       raise ValueError(f"NamBiasing.kmp_phrases must be one of {NAM_KMP_PHRASES}, got {self.kmp_phrases!r}.")
     if self.kmp is not None and not isinstance(self.kmp, KmpBiasing):
       raise ValueError(f"NamBiasing.kmp must be a KmpBiasing or None, got {self.kmp!r}.")
+    if self.kmp is not None and self.kmp.spotter is not None:
+      raise ValueError("NamBiasing.kmp with a CtcSpotter is not supported: NAM's own filter picks the phrases "
+                       "(NamBiasing.kmp_phrases='nam_top_k').")
     if self.kmp is not None and self.kmp.bias_lists != "utterance":
       raise ValueError(f"NamBiasing.kmp boosts the list NAM reads; set NamBiasing.bias_lists={self.kmp.bias_lists!r} "
                        "instead of KmpBiasing.bias_lists.")

@@ -233,6 +233,13 @@ class Transducer(nnx.Module):
     label_log_p = jnp.take_along_axis(log_p, labels.astype(jnp.int32)[..., None], axis=-1)[..., 0]
     return -jnp.sum(jnp.where(label_paddings <= 0, label_log_p, 0.0), axis=-1)
 
+  def ctc_log_probs(self, encoder_out: jax.Array) -> jax.Array:
+    """The CTC head's log-posteriors [batch, frames, vocab] float32 (blank = losses.rnnt.BLANK_ID) of
+    encoder_out [batch, frames, enc_dim]; a ValueError when the model has no CTC head (ctc_weight 0)."""
+    if self.ctc_head is None:
+      raise ValueError("this transducer has no CTC head (Transducer.ctc_weight = 0); CTC log-probs need one.")
+    return jax.nn.log_softmax(self.ctc_head(encoder_out).astype(jnp.float32), axis=-1)
+
   # The step functions decoding takes (decoding/transducer_beam.py: TransducerFns.from_model).
 
   def init_decoder_state(self, batch_size: int) -> Any:

@@ -18,8 +18,9 @@ from flax import nnx
 from memlm_jax.decoding import kmp
 from memlm_jax.evaluation import bias_lists
 from memlm_jax.launch import asr_lib
-from memlm_jax.decoding.ctc_spotter import phrase_gains
-from memlm_jax.launch.biasing import BIAS_LISTS, CtcSpotter, KmpBiasing, NamBiasing, kmp_sweep
+from memlm_jax.decoding.ctc_spotter import phrase_gains, phrase_spots
+from memlm_jax.decoding.transducer_beam import TransducerFns, beam_search
+from memlm_jax.launch.biasing import BIAS_LISTS, CtcSpotter, CtcWordSpotting, KmpBiasing, NamBiasing, kmp_sweep
 from memlm_jax.models.transducer import Transducer
 from memlm_jax.runtime.checkpoints import Checkpointer
 from memlm_jax.evaluation import kmp_table
@@ -84,6 +85,27 @@ def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own
     KmpBiasing(1.0, backend="aho_corasick", spotter=CtcSpotter())
   with pytest.raises(ValueError, match="with a CtcSpotter is not supported"):
     NamBiasing(kmp=KmpBiasing(1.0, spotter=CtcSpotter()))
+  assert CtcWordSpotting(CtcSpotter(2, 2.5), margin=1, bias_lists="anti").name == "_ctcws2t2.5m1_anti"
+  assert CtcWordSpotting().summary()["ctc_word_spotting"] == {"top_k": 1, "threshold": 1.0, "margin": 2}
+  for bad, match in ((dict(margin=-1), "margin must be an integer"), (dict(bias_lists="x"), "bias_lists must be"),
+                     (dict(spotter=None), "spotter must be a CtcSpotter")):
+    with pytest.raises(ValueError, match=match):
+      CtcWordSpotting(**bad)
+
+
+def test_merging_spotted_phrases_best_first_skipping_overlaps_and_empty_slots():
+  starts_word = np.array([False, True, True, True, True, True, True, True, True, True])
+  # One-piece words 1 2 3 4 at frames 0 3 6 9; phrases 7 8 | 9 | 5 6.
+  phrases = np.array([[7, 8], [9, 0], [5, 6]])
+  merged = asr_lib.merge_spotted_phrases([1, 2, 3, 4], [0, 3, 6, 9], phrases, indices=np.array([1, 0, -1, 2]),
+                                         starts=np.array([3, 4, 0, 9]), ends=np.array([3, 6, 0, 9]),
+                                         starts_word=starts_word, margin=0)
+  # Phrase 1 replaces word 2 (frame 3); phrase 0's window 4..6 overlaps 3..3? no: it replaces word 3;
+  # the -1 slot is skipped; phrase 2 replaces word 4.
+  assert merged == [1, 9, 7, 8, 5, 6]
+  # With a margin of 1 the second window (3..7) overlaps the first (2..4): left out.
+  assert asr_lib.merge_spotted_phrases([1, 2, 3, 4], [0, 3, 6, 9], phrases, np.array([1, 0]), np.array([3, 4]),
+                                       np.array([3, 6]), starts_word, margin=1) == [1, 9, 3, 4]
 
 
 def test_a_sweep_lists_no_biasing_then_every_delta_of_each_mode_for_each_list_kind():
@@ -241,6 +263,24 @@ def test_the_ctc_spotter_boosts_exactly_the_phrases_it_spots():
     for a, b in zip(got, want):
       np.testing.assert_array_equal(a, b)
 
+  # CtcWordSpotting: the plain beam search's best hypothesis with its frames, and the spotted phrases' windows.
+  spotter = CtcSpotter(2, 100.0)
+  out = asr_lib.make_decoder(graphdef, biasing=CtcWordSpotting(spotter), **sizes)(
+      params, audio, paddings, None, None, jnp.asarray(tokens), jnp.asarray(bias_paddings))
+  best = beam_search(TransducerFns.from_model(model), encoder_out, encoder_paddings, beam_size=3,
+                     max_symbols_per_frame=3, max_output_length=12)
+  for a, b in zip(out[:3], (best.tokens[:, 0], best.lengths[:, 0], best.frames[:, 0])):
+    np.testing.assert_array_equal(a, b)
+  spots = phrase_spots(model.ctc_log_probs(encoder_out), encoder_paddings, jnp.asarray(tokens),
+                       jnp.asarray(bias_paddings))
+  indices = np.asarray(out[3])
+  for u in range(batch):
+    expected = [b for b in np.argsort(-per_token[u], kind="stable")[:2] if lengths[u, b]]
+    assert sorted(indices[u][indices[u] >= 0].tolist()) == sorted(expected)
+    for j, b in enumerate(indices[u]):
+      if b >= 0:
+        assert (int(out[4][u, j]), int(out[5][u, j])) == (int(spots.start[u, b]), int(spots.end[u, b]))
+
 
 # ----------------------------------------------------------------------------- asr_eval end to end
 
@@ -337,6 +377,8 @@ def test_asr_eval_names_the_ilm_search_and_refuses_a_spotter_without_a_ctc_head(
   lm_runs.parse(*config)
   with pytest.raises(ValueError, match="spots phrases with a CTC head .* has none"):
     asr_lib.asr_eval(model_dir, biasing=KmpBiasing(1.0, spotter=CtcSpotter()))
+  with pytest.raises(ValueError, match="needs a SentencePiece vocabulary; got ByteVocabulary"):
+    asr_lib.asr_eval(model_dir, biasing=CtcWordSpotting())
   payload = asr_lib.asr_eval(model_dir, ilm_weight=0.5)
   written, rows = _results(model_dir, "_ilm0.5")
   assert written == json.loads(json.dumps(payload)) and payload["ilm_weight"] == 0.5 and len(rows) == 6

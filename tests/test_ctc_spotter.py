@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlm_jax.decoding.ctc_spotter import phrase_gains, spotted_phrases
+from memlm_jax.decoding.ctc_spotter import phrase_gains, phrase_spots, replace_spotted_words, spotted_phrases
 
 
 def collapse(path):
@@ -84,3 +84,32 @@ def test_spotted_phrases_by_gain_per_token_with_threshold():
     spotted_phrases(gains, phrase_paddings, top_k=0, threshold=1.0)
   with pytest.raises(ValueError, match="phrase_tokens and phrase_paddings"):
     phrase_gains(jnp.zeros((1, 3, 4)), jnp.zeros((1, 3)), tokens, phrase_paddings)
+
+
+def test_the_window_attains_the_gain():
+  rng = np.random.default_rng()
+  log_probs = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(1, 6, 4)) * 2.0, jnp.float32))
+  lists = [[(1,), (2, 3), (3, 1, 3), (2, 2)]]
+  tokens, phrase_paddings = padded(lists, length=3)
+  spots = phrase_spots(log_probs, jnp.zeros((1, 6)), tokens, phrase_paddings)
+  for b, phrase in enumerate(lists[0]):
+    start, end = int(spots.start[0, b]), int(spots.end[0, b])
+    assert 0 <= start <= end < 6
+    window = np.asarray(log_probs[0, start:end + 1], np.float64)
+    np.testing.assert_allclose(brute_force_gain(window, end - start + 1, phrase), spots.gain[0, b], atol=1e-5)
+    np.testing.assert_allclose(brute_force_gain(np.asarray(log_probs[0], np.float64), 6, phrase), spots.gain[0, b],
+                               atol=1e-5)
+
+
+def test_replacing_the_words_inside_the_window():
+  # Words (a token starting a word is marked): [1 2] [3] [4 5] [6]; emitted at frames 0 1 | 3 | 5 6 | 9.
+  starts_word = np.array([False, True, False, True, True, False, True, False])
+  tokens, frames = [1, 2, 3, 4, 5, 6], [0, 1, 3, 5, 6, 9]
+  # The window 4..5 touches the third word only ("4 5" emitted at 5 and 6): it is replaced whole.
+  assert replace_spotted_words(tokens, frames, [7, 7], 4, 5, starts_word) == ([1, 2, 3, 7, 7, 6], [0, 1, 3, 4, 4, 9])
+  # With a margin of 1 the window 2..4 reaches frames 1..5: every word but the last.
+  assert replace_spotted_words(tokens, frames, [7], 2, 4, starts_word, margin=1)[0] == [7, 6]
+  # No word inside 7..8: the phrase goes in before the first word emitted after 8.
+  assert replace_spotted_words(tokens, frames, [7], 7, 8, starts_word) == ([1, 2, 3, 4, 5, 7, 6],
+                                                                          [0, 1, 3, 5, 6, 7, 9])
+  assert replace_spotted_words([], [], [7], 2, 3, starts_word) == ([7], [2])

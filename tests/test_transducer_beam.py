@@ -258,6 +258,9 @@ def test_small_beam_finds_planted_best_path(method):
                     method=method)(enc, jnp.zeros(enc.shape[:2]))
   top = tuple(int(t) for t in result.tokens[0, 0, :int(result.lengths[0, 0])])
   assert top == target
+  # Each label carries the frame the planted alignment emits it at.
+  planned_frames = [t for t, chunk in enumerate(plan) for _ in chunk]
+  np.testing.assert_array_equal(result.frames[0, 0], planned_frames + [0] * (max_len - len(planned_frames)))
   # A pruned beam keeps a subset of the alignments: between the best one and the full sum.
   assert best_alignment[target] - 1e-4 <= float(result.scores[0, 0]) <= total[target] + 1e-4
 

@@ -11,7 +11,7 @@ continues from its newest checkpoint), and each eval's summary is kept in OUT_DI
 a rerun only computes what is missing. Models: OUT_DIR/base (tiny/transducer_contacts.gin) and
 OUT_DIR/<variant> (<variant>.gin beside this script). Rows (beam 4): no biasing; KMP shallow fusion
 (the base model); KMP of only the phrases the base model's CTC head spots (KmpBiasing.spotter,
---spot_*); B1, D1, D2, D3 (NAM only); D3 + KMP over the whole list; D3 + KMP over the K
+--spot_*); those phrases merged into the best hypothesis instead (CtcWordSpotting); B1, D1, D2, D3 (NAM only); D3 + KMP over the whole list; D3 + KMP over the K
 phrases NAM selected. The tables go to stdout and OUT_DIR/table.md.
 """
 
@@ -35,7 +35,7 @@ from memlm_jax import gin_utils  # noqa: E402
 from memlm_jax import registry  # noqa: E402,F401  (every gin configurable)
 from memlm_jax.evaluation.passkey_report import markdown  # noqa: E402
 from memlm_jax.launch import asr_lib, train_lib  # noqa: E402
-from memlm_jax.launch.biasing import CtcSpotter, KmpBiasing, NamBiasing  # noqa: E402
+from memlm_jax.launch.biasing import CtcSpotter, CtcWordSpotting, KmpBiasing, NamBiasing  # noqa: E402
 from scripts import make_synthetic_speech, train_spm  # noqa: E402
 
 BASE_CONFIG = "tiny/transducer_contacts.gin"
@@ -88,16 +88,27 @@ def train(variant: str, out_dir: str, common: Sequence[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Spotting:
-  """The CTC-spotting row: KMP at `delta` over the `top_k` phrases the base model's CTC head spots, each
-  losing at most `threshold` nats per token (launch/biasing.py: CtcSpotter); delta 0 = no such row."""
+  """The CTC-spotting rows (launch/biasing.py): the `top_k` phrases the base model's CTC head spots, each
+  losing at most `threshold` nats per token, either boosted by KMP at `delta` (0: no such row) or
+  merged into the best hypothesis in place of the words emitted in their windows widened by `margin`
+  frames (CTC word spotting, as NeMo's CTC-WS)."""
   delta: float = 3.0
   top_k: int = 1
   threshold: float = 3.0
+  margin: int = 0
 
   @property
-  def label(self) -> str:
+  def spotter(self) -> CtcSpotter:
+    return CtcSpotter(self.top_k, self.threshold)
+
+  @property
+  def kmp_label(self) -> str:
     return (f"KMP over the CTC-spotted phrases (top {self.top_k}, {self.threshold:g} nats/token), "
             f"delta={self.delta:g}")
+
+  @property
+  def word_spotting_label(self) -> str:
+    return f"CTC word spotting (top {self.top_k}, {self.threshold:g} nats/token), margin {self.margin}"
 
 
 def _settings(variant: str, kmp_delta: float, spotting: Spotting = Spotting()) -> dict[str, Any]:
@@ -105,8 +116,10 @@ def _settings(variant: str, kmp_delta: float, spotting: Spotting = Spotting()) -
   Transducer.ctc_weight > 0)."""
   if variant == "base":
     rows = {"no biasing": None, f"KMP shallow, delta={kmp_delta:g}": KmpBiasing(delta=kmp_delta)}
-    if spotting.delta and gin.query_parameter("Transducer.ctc_weight"):
-      rows[spotting.label] = KmpBiasing(delta=spotting.delta, spotter=CtcSpotter(spotting.top_k, spotting.threshold))
+    if gin.query_parameter("Transducer.ctc_weight"):
+      if spotting.delta:
+        rows[spotting.kmp_label] = KmpBiasing(delta=spotting.delta, spotter=spotting.spotter)
+      rows[spotting.word_spotting_label] = CtcWordSpotting(spotting.spotter, spotting.margin)
     return rows
   rows = {VARIANT_LABELS[variant]: NamBiasing()}
   if variant == "d3":
@@ -119,7 +132,7 @@ def _settings(variant: str, kmp_delta: float, spotting: Spotting = Spotting()) -
 def _anti(setting: Any) -> Any:
   if setting is None:
     return None
-  if isinstance(setting, KmpBiasing):
+  if isinstance(setting, (KmpBiasing, CtcWordSpotting)):
     return dataclasses.replace(setting, bias_lists="anti")
   return NamBiasing(bias_lists="anti", kmp=setting.kmp, kmp_phrases=setting.kmp_phrases)
 
@@ -154,7 +167,7 @@ def _summary(payload: dict) -> dict[str, float]:
   return {k: payload[k] for k in ("wer", "b_wer", "u_wer", "phrase_cer", "reference_words", "step") if k in payload}
 
 
-ROW_ORDER = ("no biasing", "KMP", "KMP over", "B1", "D1", "D2", "D3:", "D3 + KMP (all", "D3 + KMP (NAM")
+ROW_ORDER = ("no biasing", "KMP", "KMP over", "CTC word", "B1", "D1", "D2", "D3:", "D3 + KMP (all", "D3 + KMP (NAM")
 
 
 def _row_rank(label: str) -> tuple[int, str]:
@@ -219,6 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--spot_top_k", type=int, default=Spotting.top_k, help="phrases the CTC head spots per utterance")
   parser.add_argument("--spot_threshold", type=float, default=Spotting.threshold,
                       help="most nats per token a spotted phrase may lose against the CTC head's best labels")
+  parser.add_argument("--spot_margin", type=int, default=Spotting.margin,
+                      help="frames added on each side of a spotted window (CTC word spotting row)")
   parser.add_argument("--vocab_size", type=int, default=128)
   parser.add_argument("--binding", action="append", default=[],
                       help="extra gin binding for every training and eval, e.g. --binding='TRAIN_STEPS = 500'")
@@ -230,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown or any(n not in (10, 100, 1000) for n in list_sizes):
       raise ValueError(f"--variants must be of {VARIANTS} (got {unknown}) and --list_sizes of 10, 100, 1000 "
                        f"(got {list_sizes}).")
-    spotting = Spotting(args.spot_delta, args.spot_top_k, args.spot_threshold)
+    spotting = Spotting(args.spot_delta, args.spot_top_k, args.spot_threshold, args.spot_margin)
     print(run(args.data_dir, args.out_dir, list_sizes, variants, args.kmp_delta, args.binding, args.vocab_size,
               spotting))
   except ValueError as error:

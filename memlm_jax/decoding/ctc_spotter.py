@@ -17,6 +17,8 @@ ASR eval boosts with KMP instead of the whole list (launch/biasing.py: KmpBiasin
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -32,10 +34,24 @@ def _state_labels(phrase_tokens: jax.Array) -> jax.Array:
   return labels.at[..., 1::2].set(phrase_tokens.astype(jnp.int32))
 
 
+class Spots(NamedTuple):
+  """Where each phrase fits best. gain [batch, phrases] float32 (`phrase_gains`); start, end [batch,
+  phrases] int32: the first and last frame of its best window (-1 where gain is -inf)."""
+  gain: jax.Array
+  start: jax.Array
+  end: jax.Array
+
+
 def phrase_gains(log_probs: jax.Array, frame_paddings: jax.Array, phrase_tokens: jax.Array,
                  phrase_paddings: jax.Array) -> jax.Array:
   """The spotting gain of every phrase (module docstring): [batch, phrases] float32, <= 0, -inf for an
-  empty (fully padded) phrase or one longer than the utterance can align.
+  empty (fully padded) phrase or one longer than the utterance can align. Arguments as `phrase_spots`."""
+  return phrase_spots(log_probs, frame_paddings, phrase_tokens, phrase_paddings).gain
+
+
+def phrase_spots(log_probs: jax.Array, frame_paddings: jax.Array, phrase_tokens: jax.Array,
+                 phrase_paddings: jax.Array) -> Spots:
+  """The gain of every phrase and the window of frames that attains it (one Viterbi pass).
 
   Args:
     log_probs: [batch, frames, vocab] CTC log-posteriors (blank = BLANK_ID).
@@ -62,23 +78,39 @@ def phrase_gains(log_probs: jax.Array, frame_paddings: jax.Array, phrase_tokens:
   can_skip = (index % 2 == 1) & (index >= 3) & (labels != jnp.roll(labels, 2, axis=-1))
   flat_labels = labels.reshape(batch, phrases * states)
 
-  def one_frame(carry, frame):
-    score, best = carry  # [batch, phrases, states], [batch, phrases]
-    frame_gains, is_pad = frame  # [batch, vocab], [batch]
-    emit = jnp.take_along_axis(frame_gains, flat_labels, axis=1).reshape(batch, phrases, states)
-    shift = lambda x, n: jnp.concatenate([jnp.full(x.shape[:-1] + (n,), _NEG_INF), x[..., :-n]], axis=-1)  # noqa: E731
-    came_from = jnp.maximum(score, shift(score, 1))
-    came_from = jnp.maximum(came_from, jnp.where(can_skip, shift(score, 2), _NEG_INF))
-    came_from = jnp.where(index == 1, jnp.maximum(came_from, 0.0), came_from)  # enter the window here
-    new_score = came_from + emit
-    ended = jnp.take_along_axis(new_score, jnp.maximum(exit_state, 0)[..., None], axis=-1)[..., 0]
-    new_best = jnp.maximum(best, jnp.where(exit_state >= 1, ended, _NEG_INF))
-    keep = is_pad[:, None]
-    return (jnp.where(keep[..., None], score, new_score), jnp.where(keep, best, new_best)), None
+  def shift(x, n, fill):
+    return jnp.concatenate([jnp.full(x.shape[:-1] + (n,), fill, x.dtype), x[..., :-n]], axis=-1)
 
-  init = (jnp.full((batch, phrases, states), _NEG_INF, jnp.float32), jnp.full((batch, phrases), _NEG_INF, jnp.float32))
-  (_, best), _ = jax.lax.scan(one_frame, init, (jnp.swapaxes(gains, 0, 1), jnp.swapaxes(frame_paddings > 0.5, 0, 1)))
-  return best
+  def one_frame(carry, frame):
+    # Each state's best score and the frame its path entered the window at; the best exit so far.
+    score, entered, best, best_start, best_end = carry
+    frame_gains, is_pad, t = frame  # [batch, vocab], [batch], []
+    emit = jnp.take_along_axis(frame_gains, flat_labels, axis=1).reshape(batch, phrases, states)
+    candidates = [(score, entered), (shift(score, 1, _NEG_INF), shift(entered, 1, -1)),
+                  (jnp.where(can_skip, shift(score, 2, _NEG_INF), _NEG_INF), shift(entered, 2, -1)),
+                  (jnp.where(index == 1, 0.0, _NEG_INF), jnp.full_like(entered, t))]  # enter the window here
+    came_from, came_entered = candidates[0]
+    for other, other_entered in candidates[1:]:
+      better = other > came_from
+      came_from, came_entered = jnp.where(better, other, came_from), jnp.where(better, other_entered, came_entered)
+    new_score = came_from + emit
+    at_exit = jnp.maximum(exit_state, 0)[..., None]
+    ended = jnp.where(exit_state >= 1, jnp.take_along_axis(new_score, at_exit, axis=-1)[..., 0], _NEG_INF)
+    improves = ended > best
+    new_carry = (new_score, came_entered, jnp.where(improves, ended, best),
+                 jnp.where(improves, jnp.take_along_axis(came_entered, at_exit, axis=-1)[..., 0], best_start),
+                 jnp.where(improves, t, best_end))
+    keep = is_pad[:, None]
+    return jax.tree.map(lambda new, old: jnp.where(keep.reshape(keep.shape + (1,) * (old.ndim - 2)), old, new),
+                        new_carry, carry), None
+
+  minus_one = jnp.full((batch, phrases), -1, jnp.int32)
+  init = (jnp.full((batch, phrases, states), _NEG_INF, jnp.float32), jnp.full((batch, phrases, states), -1, jnp.int32),
+          jnp.full((batch, phrases), _NEG_INF, jnp.float32), minus_one, minus_one)
+  frames = jnp.arange(log_probs.shape[1], dtype=jnp.int32)
+  (_, _, best, start, end), _ = jax.lax.scan(
+      one_frame, init, (jnp.swapaxes(gains, 0, 1), jnp.swapaxes(frame_paddings > 0.5, 0, 1), frames))
+  return Spots(gain=best, start=start, end=end)
 
 
 def spotted_phrases(gains: jax.Array, phrase_paddings: jax.Array, top_k: int, threshold: float) -> jax.Array:
@@ -102,3 +134,32 @@ def spotted_phrases(gains: jax.Array, phrase_paddings: jax.Array, top_k: int, th
   if k < top_k:
     indices = jnp.concatenate([indices, jnp.full((gains.shape[0], top_k - k), -1, jnp.int32)], axis=1)
   return indices
+
+
+def replace_spotted_words(tokens: Sequence[int], frames: Sequence[int], phrase: Sequence[int], start: int, end: int,
+                          starts_word: Sequence[bool], margin: int = 0) -> tuple[list[int], list[int]]:
+  """A hypothesis with a spotted phrase merged in, as NeMo's CTC word spotter merges into a transducer's
+  output: the words with a token emitted inside the frames [start - margin, end + margin] give way to
+  the phrase; when no word lies there, the phrase goes in before the first word emitted after `end`.
+
+  Args:
+    tokens, frames: the hypothesis's labels and the encoder frame each was emitted at (nondecreasing).
+    phrase: the spotted phrase's labels; start, end: its window (Spots).
+    starts_word: [vocab] whether a label begins a word (SentencePiece: its piece starts with "▁").
+    margin: frames added on both sides of the window.
+  Returns:
+    (tokens, frames) after the merge; the phrase's labels get the frame `start`.
+  """
+  words: list[list[int]] = []  # token positions of each word
+  for i, token in enumerate(tokens):
+    if not words or starts_word[token]:
+      words.append([])
+    words[-1].append(i)
+  inside = [w for w, positions in enumerate(words)
+            if any(start - margin <= frames[i] <= end + margin for i in positions)]
+  if inside:
+    first, last = words[inside[0]][0], words[inside[-1]][-1] + 1
+  else:
+    first = last = next((positions[0] for positions in words if frames[positions[0]] > end), len(tokens))
+  return (list(tokens[:first]) + list(phrase) + list(tokens[last:]),
+          list(frames[:first]) + [start] * len(phrase) + list(frames[last:]))

@@ -126,10 +126,14 @@ class BeamResult(NamedTuple):
   tokens: [batch, beam, max_output_length] int32 labels, zero after `lengths`.
   lengths: [batch, beam] int32.
   scores: [batch, beam] float32 model log-prob + fusion bonuses (final bonus included).
+  frames: [batch, beam, max_output_length] int32, the encoder frame each label was emitted at, zero
+    after `lengths`: of the alignment that held the most probability each time equal sequences
+    merged (the best alignment when one dominates, as a confident model's does).
   """
   tokens: jax.Array
   lengths: jax.Array
   scores: jax.Array
+  frames: jax.Array
 
 
 def _check_inputs(encoder_out: jax.Array, encoder_paddings: jax.Array, max_symbols_per_frame: int,
@@ -219,12 +223,13 @@ class _Hyps(NamedTuple):
   """Hypotheses of every row in slots 0..n-1; every leaf leads with [batch, n].
 
   tokens [batch, n, max_len] (zero after lengths), lengths [batch, n], scores [batch, n]
-  (-inf = empty slot), pred_state (leaves [batch, n, ...]), pred_out [batch, n, pred_dim],
+  (-inf = empty slot), frames [batch, n, max_len] (each label's frame), pred_state (leaves [batch, n, ...]), pred_out [batch, n, pred_dim],
   fusion_state (leaves [batch, n, ...], () without fusion).
   """
   tokens: jax.Array
   lengths: jax.Array
   scores: jax.Array
+  frames: jax.Array
   pred_state: Any
   pred_out: jax.Array
   fusion_state: Any
@@ -319,9 +324,10 @@ class _Expander:
       scores = scores + _shallow_bonus(self.fusion, hyps.fusion_state, logp[..., 1:], self.fusion_top_k)
     return jnp.where(can_emit[..., None], scores, _NEG_INF)
 
-  def emit(self, parents: _Hyps, label: jax.Array, emitted: jax.Array) -> _Hyps:
-    """parents (already holding the new scores) + label [batch, n] where emitted [batch, n]; the
-    others keep their state. In 'rescore' mode the earned fusion bonus is added to the score."""
+  def emit(self, parents: _Hyps, label: jax.Array, emitted: jax.Array, frame_index: jax.Array) -> _Hyps:
+    """parents (already holding the new scores) + label [batch, n] where emitted [batch, n], at frame
+    frame_index []; the others keep their state. In 'rescore' mode the earned fusion bonus is added to
+    the score."""
     batch = label.shape[0]
     label = jnp.where(emitted, label, BLANK_ID).astype(jnp.int32)
     new_out, new_state = self.fns.predictor_step(_flatten_slots(parents.pred_state), label.reshape(-1))
@@ -334,13 +340,14 @@ class _Expander:
     return _Hyps(tokens=_append(parents.tokens, parents.lengths, label, emitted),
                  lengths=parents.lengths + emitted,
                  scores=scores,
+                 frames=_append(parents.frames, parents.lengths, jnp.broadcast_to(frame_index, label.shape), emitted),
                  pred_state=select_rows(emitted, _split_slots(new_state, batch), parents.pred_state),
                  pred_out=select_rows(emitted, _split_slots(new_out, batch), parents.pred_out),
                  fusion_state=fusion_state)
 
 
-def _tsd_step(expander: _Expander, active: _Hyps, ended: _Hyps, step: jax.Array, enc_frame: jax.Array
-              ) -> tuple[_Hyps, _Hyps]:
+def _tsd_step(expander: _Expander, active: _Hyps, ended: _Hyps, step: jax.Array, enc_frame: jax.Array,
+              frame_index: jax.Array) -> tuple[_Hyps, _Hyps]:
   """One expansion step of the active set A into the ended set B (both [batch, k] slots)."""
   batch, k = active.scores.shape
   logp = expander.log_probs(active, enc_frame)
@@ -355,16 +362,18 @@ def _tsd_step(expander: _Expander, active: _Hyps, ended: _Hyps, step: jax.Array,
   labels = with_label.shape[-1]
   scores, flat_index = jax.lax.top_k(with_label.reshape(batch, k * labels), k)
   parent, label = flat_index // labels, flat_index % labels + 1
-  active = expander.emit(_take(active, parent)._replace(scores=scores), label, jnp.isfinite(scores))
+  active = expander.emit(_take(active, parent)._replace(scores=scores), label, jnp.isfinite(scores), frame_index)
   # Blank (and, without positive fusion bonuses, every label) only lowers a score: an active
   # hypothesis already below B's k-th best can never enter B.
   survives = active.scores >= ended.scores[:, -1:]
   return active._replace(scores=jnp.where(survives, active.scores, _NEG_INF)), ended
 
 
-def _tsd_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, jax.Array]) -> tuple[_Hyps, None]:
-  """One frame of time-synchronous decoding: A starts as the beam, B empty; the beam becomes B."""
-  enc_frame, is_pad = frame
+def _tsd_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, jax.Array, jax.Array]
+               ) -> tuple[_Hyps, None]:
+  """One frame (enc_frame, is_pad, frame_index) of time-synchronous decoding: A starts as the beam, B
+  empty; the beam becomes B."""
+  enc_frame, is_pad, frame_index = frame
   k = beam.scores.shape[1]
   pad = is_pad[:, None]
   # A padded row starts with its beam already ended, so it is not expanded.
@@ -378,14 +387,14 @@ def _tsd_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, jax.Arr
 
   def body(c):
     step, active, ended = c
-    return (step + 1, *_tsd_step(expander, active, ended, step, enc_frame))
+    return (step + 1, *_tsd_step(expander, active, ended, step, enc_frame, frame_index))
 
   _, _, ended = jax.lax.while_loop(any_active, body, (jnp.int32(0), active, ended))
   return ended, None
 
 
-def _one_pass_step(expander: _Expander, beam: _Hyps, done: jax.Array, step: jax.Array, enc_frame: jax.Array
-                   ) -> tuple[_Hyps, jax.Array]:
+def _one_pass_step(expander: _Expander, beam: _Hyps, done: jax.Array, step: jax.Array, enc_frame: jax.Array,
+                   frame_index: jax.Array) -> tuple[_Hyps, jax.Array]:
   """One expansion step of a beam mixing ended (done [batch, k]) and active hypotheses."""
   batch, k = beam.scores.shape
   logp = expander.log_probs(beam, enc_frame)
@@ -403,12 +412,14 @@ def _one_pass_step(expander: _Expander, beam: _Hyps, done: jax.Array, step: jax.
   scores, flat_index = jax.lax.top_k(candidates, k)
   parent, label = flat_index // vocab, flat_index % vocab
   emitted = (label != BLANK_ID) & jnp.isfinite(scores)
-  return expander.emit(_take(beam, parent)._replace(scores=scores), label, emitted), ~emitted
+  return expander.emit(_take(beam, parent)._replace(scores=scores), label, emitted, frame_index), ~emitted
 
 
-def _one_pass_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, jax.Array]) -> tuple[_Hyps, None]:
-  """One frame of the one-pass search (ended and active hypotheses share the k slots)."""
-  enc_frame, is_pad = frame
+def _one_pass_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, jax.Array, jax.Array]
+                    ) -> tuple[_Hyps, None]:
+  """One frame (enc_frame, is_pad, frame_index) of the one-pass search (ended and active hypotheses
+  share the k slots)."""
+  enc_frame, is_pad, frame_index = frame
   batch, k = beam.scores.shape
   # A padded frame starts with every hypothesis done, so nothing is expanded.
   done = jnp.broadcast_to(is_pad[:, None], (batch, k))
@@ -420,7 +431,7 @@ def _one_pass_frame(expander: _Expander, beam: _Hyps, frame: tuple[jax.Array, ja
 
   def body(c):
     step, beam, done = c
-    return (step + 1, *_one_pass_step(expander, beam, done, step, enc_frame))
+    return (step + 1, *_one_pass_step(expander, beam, done, step, enc_frame, frame_index))
 
   _, beam, _ = jax.lax.while_loop(any_active, body, (jnp.int32(0), beam, done))
   return beam, None
@@ -466,13 +477,15 @@ def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: ja
       tokens=jnp.zeros((batch, k, max_output_length), jnp.int32),
       lengths=jnp.zeros((batch, k), jnp.int32),
       scores=jnp.full((batch, k), _NEG_INF, jnp.float32).at[:, 0].set(0.0),  # one empty hypothesis
+      frames=jnp.zeros((batch, k, max_output_length), jnp.int32),
       pred_state=_split_slots(pred_state, batch),
       pred_out=_split_slots(pred_out, batch),
       fusion_state=() if fusion is None else fusion.init(batch, k))
 
   one_frame = _tsd_frame if method == "tsd" else _one_pass_frame
+  frame_indices = jnp.arange(encoder_out.shape[1], dtype=jnp.int32)
   beam, _ = jax.lax.scan(lambda b, frame: one_frame(expander, b, frame), beam,
-                         _frames_major(encoder_out, encoder_paddings))
+                         (*_frames_major(encoder_out, encoder_paddings), frame_indices))
 
   scores = beam.scores
   if fusion is not None:
@@ -482,4 +495,5 @@ def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: ja
   valid = valid[rows, order]
   return BeamResult(tokens=jnp.where(valid[..., None], beam.tokens[rows, order], 0),
                     lengths=jnp.where(valid, beam.lengths[rows, order], 0),
-                    scores=jnp.where(valid, scores[rows, order], _NEG_INF))
+                    scores=jnp.where(valid, scores[rows, order], _NEG_INF),
+                    frames=jnp.where(valid[..., None], beam.frames[rows, order], 0))

@@ -49,13 +49,14 @@ from memlm_jax.data import pipeline, speech_features
 from memlm_jax.decoding.transducer_beam import (BEAM_METHODS, TransducerFns, beam_search, check_ilm_weight,
                                                 greedy_decode)
 from memlm_jax.evaluation import bias_lists, wer
-from memlm_jax.launch.biasing import NO_BIASING, KmpBiasing, NamBiasing
+from memlm_jax.decoding.ctc_spotter import replace_spotted_words
+from memlm_jax.launch.biasing import NO_BIASING, CtcWordSpotting, KmpBiasing, NamBiasing
 from memlm_jax.launch.eval_lib import check_writable, restore_for_inference, settings_name, write_json
 from memlm_jax.runtime import files, multihost, partitioning
 from memlm_jax.runtime.partitioning import Partitioner
 from memlm_jax.runtime.train_state import InferenceState
 
-Biasing = KmpBiasing | NamBiasing
+Biasing = KmpBiasing | NamBiasing | CtcWordSpotting
 # (params, audio [batch, samples], audio_paddings [batch, samples][, table, delta, bias_tokens, bias_paddings]) ->
 # (tokens [batch, max_output_length] int32, lengths [batch] int32) of the best hypotheses.
 Decoder = Callable[..., tuple[jax.Array, jax.Array]]
@@ -89,11 +90,15 @@ def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_fram
   beam search) and every phrase list of the same shape reuse one compilation. With NamBiasing the
   encoder reads bias_tokens / bias_paddings [batch, phrases, phrase_len] through the model's
   biaser (and KMP may boost only the K phrases it selected); with a KmpBiasing.spotter the model's
-  CTC head picks the phrases KMP boosts from bias_tokens. Only biasing's `decoder_key` is built in.
+  CTC head picks the phrases KMP boosts from bias_tokens. With CtcWordSpotting the decoder returns
+  (tokens, lengths, frames [batch, max_output_length] of the best hypothesis, and the spotted phrases'
+  indices, start and end frames [batch, top_k]) for `merge_spotted_phrases` on the host. Only
+  biasing's `decoder_key` is built in.
   """
   check_search(beam_size, method, ilm_weight)
   search = dict(max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length)
   kmp = None if biasing is None or not biasing.delta else biasing
+  word_spotting = biasing if isinstance(biasing, CtcWordSpotting) else None
 
   @jax.jit
   def decode(params, audio, audio_paddings, table=None, delta=None, bias_tokens=None, bias_paddings=None):
@@ -106,6 +111,12 @@ def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_fram
     if kmp is not None and getattr(kmp, "spotter", None) is not None:
       selected = kmp.spotter.select(net.ctc_log_probs(encoder_out), encoder_paddings, bias_tokens, bias_paddings)
     fns = TransducerFns.from_model(net)
+    if word_spotting is not None:  # the words in the spotted windows are replaced on the host
+      best = beam_search(fns, encoder_out, encoder_paddings, beam_size=beam_size, method=method,
+                         ilm_weight=ilm_weight, **search)
+      spotted = word_spotting.spotter.locate(net.ctc_log_probs(encoder_out), encoder_paddings, bias_tokens,
+                                             bias_paddings)
+      return best.tokens[:, 0], best.lengths[:, 0], best.frames[:, 0], *spotted
     if kmp is None and beam_size == 1 and not ilm_weight:
       return greedy_decode(fns, encoder_out, encoder_paddings, **search)
     fusion = None if kmp is None else kmp.fusion(table, delta, selected)
@@ -196,13 +207,14 @@ class _SplitDecoder:
     return jax.tree.unflatten(treedef, [arrays[str(i)] for i in range(len(leaves))])
 
   def _decode_batch(self, batch: dict[str, np.ndarray], rows: list[dict], biasing: Biasing | None
-                    ) -> tuple[jax.Array, jax.Array]:
+                    ) -> tuple[tuple[jax.Array, ...], np.ndarray | None]:
     """Decodes a host batch with each row's phrases: its own list, or (anti) its distractor list,
-    which is also stored in the row as "biasing_phrases"."""
+    which is also stored in the row as "biasing_phrases". Returns (the decoder's outputs, the host's
+    phrase tokens [local_batch, phrases, phrase_len] with 0 after each phrase, None without biasing)."""
     audio = self._global({k: batch[k] for k in ("audio", "audio_paddings")})
     decode = self._decoder(biasing)
     if biasing is None:
-      return decode(self.restored.params, audio["audio"], audio["audio_paddings"])
+      return decode(self.restored.params, audio["audio"], audio["audio_paddings"]), None
     if "bias" not in batch:
       raise ValueError(f"asr_eval.biasing ({biasing.name[1:]}) needs per-utterance 'bias' lists; task "
                        f"{self.task_name!r} has none.")
@@ -224,7 +236,16 @@ class _SplitDecoder:
     if biasing.delta:
       inputs["table"] = self._global(biasing.phrase_table(tokens, paddings, self.vocabulary.vocab_size))
       inputs["delta"] = np.float32(biasing.delta)
-    return decode(self.restored.params, audio["audio"], audio["audio_paddings"], **inputs)
+    outputs = decode(self.restored.params, audio["audio"], audio["audio_paddings"], **inputs)
+    return outputs, np.where(np.asarray(paddings) > 0, 0, np.asarray(tokens))
+
+  def _starts_word(self) -> np.ndarray:
+    """[vocab] bool: whether each label begins a word (its SentencePiece piece starts with "▁")."""
+    if not hasattr(self, "_word_starts"):
+      tokenizer = self.vocabulary.tokenizer
+      self._word_starts = np.array([tokenizer.id_to_piece(i).startswith("▁") if i < tokenizer.get_piece_size()
+                                    else False for i in range(self.vocabulary.vocab_size)])
+    return self._word_starts
 
   def rows(self, biasing: Biasing | None) -> tuple[list[dict], dict[str, float]]:
     """{id, reference, bias, hypothesis[, biasing_phrases]} of every utterance of the split, and this
@@ -238,10 +259,16 @@ class _SplitDecoder:
       for batch in self.batches():
         start = time.perf_counter()
         batch_rows = _batch_rows(batch)
-        tokens, lengths = (partitioner.host_rows(x) for x in self._decode_batch(batch, batch_rows, biasing))
+        outputs, phrases = self._decode_batch(batch, batch_rows, biasing)
+        outputs = [partitioner.host_rows(x) for x in outputs]
+        tokens, lengths = outputs[:2]
         for i, row in enumerate(batch_rows):
           if row.pop("real"):
-            row["hypothesis"] = self.vocabulary.decode([int(t) for t in tokens[i, :lengths[i]]])
+            hypothesis = [int(t) for t in tokens[i, :lengths[i]]]
+            if isinstance(biasing, CtcWordSpotting):
+              hypothesis = merge_spotted_phrases(hypothesis, outputs[2][i, :lengths[i]], phrases[i],
+                                                 *(x[i] for x in outputs[3:]), self._starts_word(), biasing.margin)
+            row["hypothesis"] = self.vocabulary.decode(hypothesis)
             rows.append(row)
         seconds = time.perf_counter() - start
         timing["decode_seconds"] += seconds
@@ -253,6 +280,26 @@ class _SplitDecoder:
     for index, row in enumerate(rows):
       row["id"] = str(index) if row["id"] is None else row["id"]
     return rows, timing
+
+
+def merge_spotted_phrases(tokens: Sequence[int], frames: Sequence[int], phrases: np.ndarray, indices: np.ndarray,
+                          starts: np.ndarray, ends: np.ndarray, starts_word: np.ndarray, margin: int) -> list[int]:
+  """One hypothesis with its spotted phrases merged in, best first (ctc_spotter.replace_spotted_words);
+  a phrase whose window (widened by margin) overlaps one already merged is left out.
+
+  Args:
+    tokens, frames: the hypothesis's labels and their frames.
+    phrases: [phrases, phrase_len] the utterance's list, 0 after each phrase.
+    indices, starts, ends: [top_k] the spotted phrases (-1: none) and their windows.
+  """
+  tokens, frames, taken = list(tokens), list(frames), []
+  for index, start, end in zip(indices, starts, ends):
+    if index < 0 or any(start - margin <= e + margin and s - margin <= end + margin for s, e in taken):
+      continue
+    phrase = [int(t) for t in phrases[index] if t]
+    tokens, frames = replace_spotted_words(tokens, frames, phrase, int(start), int(end), starts_word, margin)
+    taken.append((start, end))
+  return tokens
 
 
 def _wer_summary(rows: Sequence[dict]) -> dict[str, Any]:
@@ -303,11 +350,15 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
   if batch_size % shard[1]:
     raise ValueError(f"asr_eval.batch_size={batch_size} (the global batch) must be divisible by the number of "
                      f"input shards ({shard[1]}, one per host or per group of hosts holding the same rows).")
+  spotting_words = [s.name[1:] for s in settings if isinstance(s, CtcWordSpotting)]
+  if spotting_words and not hasattr(vocabulary, "tokenizer"):
+    raise ValueError(f"asr_eval.biasing ({spotting_words[0]}) merges spotted phrases as whole words, which needs a "
+                     f"SentencePiece vocabulary; got {type(vocabulary).__name__}.")
   check_writable(model_dir, "eval")
   restored = restore_for_inference(model_dir, model, parts, checkpoint_step)
   needs_ctc_head = [s.name[1:] for s in settings if s is not None and s.enabled and getattr(s, "spotter", None)]
   if needs_ctc_head and "ctc_head" not in restored.params:
-    raise ValueError(f"asr_eval.biasing ({needs_ctc_head[0]}) spots phrases with a CTC head (KmpBiasing.spotter); "
+    raise ValueError(f"asr_eval.biasing ({needs_ctc_head[0]}) spots phrases with a CTC head (a CtcSpotter); "
                      f"the model in {model_dir} has none (Transducer.ctc_weight = 0).")
   needs_biaser = [s.name[1:] for s in settings if s is not None and s.enabled and s.uses_context]
   if needs_biaser and "biaser" not in restored.params:

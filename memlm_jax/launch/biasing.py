@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from memlm_jax.decoding import ctc_spotter
@@ -60,6 +61,15 @@ class CtcSpotter:
     frame_paddings [batch, frames] and the lists bias_tokens / bias_paddings [batch, phrases, phrase_len]."""
     gains = ctc_spotter.phrase_gains(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)
     return ctc_spotter.spotted_phrases(gains, bias_paddings, self.top_k, self.threshold)
+
+  def locate(self, ctc_log_probs: jax.Array, frame_paddings: jax.Array, bias_tokens: jax.Array,
+             bias_paddings: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """As `select`, with each spotted phrase's window: (indices, start, end), each [batch, top_k] int32
+    (start / end: its first and last frame; meaningless where the index is -1)."""
+    spots = ctc_spotter.phrase_spots(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)
+    indices = ctc_spotter.spotted_phrases(spots.gain, bias_paddings, self.top_k, self.threshold)
+    window = lambda x: jnp.take_along_axis(x, jnp.maximum(indices, 0), axis=1)  # noqa: E731
+    return indices, window(spots.start), window(spots.end)
 
 
 @gin.configurable
@@ -182,6 +192,52 @@ class KmpBiasing:
                          f"gathered on the device), got {self.backend!r}.")
       table = select_phrases(table, selected)
     return phrase_fusion(table, delta, self.mode)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CtcWordSpotting:
+  """Context biasing by CTC word spotting, as NeMo's CTC-WS does for hybrid models: the phrases the CTC
+  head spots (`spotter`) replace the words of the transducer's best hypothesis emitted in their window
+  of frames, widened by `margin` frames on each side (decoding/ctc_spotter.py: replace_spotted_words;
+  nothing is boosted in the search). Needs a CTC head and a SentencePiece vocabulary (words are whole
+  pieces sequences starting with "▁").
+
+  bias_lists / anti_seed: as for KmpBiasing.
+  """
+  spotter: CtcSpotter = CtcSpotter()
+  margin: int = 2
+  bias_lists: str = "utterance"
+  anti_seed: int = 0
+
+  uses_context = False
+  reads_phrase_arrays = True
+  replaces_words = True
+  enabled = True
+  delta = 0.0
+  top_k = None
+
+  def __post_init__(self):
+    if not isinstance(self.spotter, CtcSpotter):
+      raise ValueError(f"CtcWordSpotting.spotter must be a CtcSpotter, got {self.spotter!r}.")
+    if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
+      raise ValueError(f"CtcWordSpotting.margin must be an integer number of frames >= 0, got {self.margin!r}.")
+    if self.bias_lists not in BIAS_LISTS:
+      raise ValueError(f"CtcWordSpotting.bias_lists must be one of {BIAS_LISTS}, got {self.bias_lists!r}.")
+
+  @property
+  def name(self) -> str:
+    """File-name part, e.g. '_ctcws1t3m2', '_ctcws1t3m2_anti'."""
+    return (f"_ctcws{self.spotter.top_k}t{self.spotter.threshold:g}m{self.margin}"
+            + ("_anti" if self.bias_lists == "anti" else ""))
+
+  @property
+  def decoder_key(self) -> tuple:
+    return ("ctcws", self.spotter)
+
+  def summary(self) -> dict[str, Any]:
+    return {**NO_BIASING, "bias_lists": self.bias_lists, "ctc_word_spotting": {
+        **dataclasses.asdict(self.spotter), "margin": self.margin}}
 
 
 NAM_KMP_PHRASES = ("all", "nam_top_k")

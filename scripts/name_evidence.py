@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from memlm_jax.data import speech, speech_features  # noqa: E402
-from memlm_jax.decoding import ctc_spotter  # noqa: E402
+from memlm_jax.losses import ctc_spotting  # noqa: E402
 from memlm_jax.losses import ctc  # noqa: E402
 from scripts.transducer_probe import restored_transducer_and_batch  # noqa: E402
 
@@ -52,7 +52,7 @@ def rank_of_reference(nll: np.ndarray) -> int:
 
 
 def phrase_gains_per_token(gains_of, encoder_out, encoder_paddings, phrases: Sequence[str], vocabulary) -> np.ndarray:
-  """[phrases] CTC spotting gain per token (decoding/ctc_spotter.py) of each phrase in one utterance;
+  """[phrases] CTC spotting gain per token (losses/ctc_spotting.py) of each phrase in one utterance;
   gains_of(encoder_out [1, frames, dim], paddings [1, frames], tokens, paddings [1, phrases, len])."""
   ids = [list(vocabulary.encode(p)) for p in phrases]
   width = max(map(len, ids))
@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if model.ctc_head is not None:
     ranks["CTC"] = []
     ranks["CTC spotting"] = []
-    gains_of = jax.jit(lambda out, pad, t, tp: ctc_spotter.phrase_gains(model.ctc_log_probs(out), pad, t, tp))
+    gains_of = jax.jit(lambda out, pad, t, tp: ctc_spotting.phrase_gains(model.ctc_log_probs(out), pad, t, tp))
   internal_lm_nll = jax.jit(model.internal_lm_nll)
   seen, shown = 0, 0
   for batch in speech_features.speech_batches(speech.manifest_task(), args.split, 20, max_audio, max_target,

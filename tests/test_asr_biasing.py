@@ -18,7 +18,7 @@ from flax import nnx
 from memlm_jax.decoding import kmp
 from memlm_jax.evaluation import bias_lists
 from memlm_jax.launch import asr_lib
-from memlm_jax.decoding.ctc_spotter import phrase_gains, phrase_spots
+from memlm_jax.losses.ctc_spotting import phrase_gains, phrase_spots
 from memlm_jax.decoding.transducer_beam import TransducerFns, beam_search
 from memlm_jax.launch.biasing import BIAS_LISTS, CtcSpotter, CtcWordSpotting, KmpBiasing, NamBiasing, kmp_sweep
 from memlm_jax.models.transducer import Transducer
@@ -85,9 +85,12 @@ def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own
     KmpBiasing(1.0, backend="aho_corasick", spotter=CtcSpotter())
   with pytest.raises(ValueError, match="with a CtcSpotter is not supported"):
     NamBiasing(kmp=KmpBiasing(1.0, spotter=CtcSpotter()))
-  assert CtcWordSpotting(CtcSpotter(2, 2.5), margin=1, bias_lists="anti").name == "_ctcws2t2.5m1_anti"
-  assert CtcWordSpotting().summary()["ctc_word_spotting"] == {"top_k": 1, "threshold": 1.0, "margin": 2}
+  assert CtcWordSpotting(CtcSpotter(2, 2.5), margin=1, bias_lists="anti").name == "_ctcws2t2.5m1x2_anti"
+  assert CtcWordSpotting(max_extra_words=None).name == "_ctcws1t3m0"
+  assert CtcWordSpotting().summary()["ctc_word_spotting"] == {"top_k": 1, "threshold": 3.0, "margin": 0,
+                                                               "max_extra_words": 2}
   for bad, match in ((dict(margin=-1), "margin must be an integer"), (dict(bias_lists="x"), "bias_lists must be"),
+                     (dict(max_extra_words=-1), "max_extra_words must be None or an integer"),
                      (dict(spotter=None), "spotter must be a CtcSpotter")):
     with pytest.raises(ValueError, match=match):
       CtcWordSpotting(**bad)
@@ -106,6 +109,9 @@ def test_merging_spotted_phrases_best_first_skipping_overlaps_and_empty_slots():
   # With a margin of 1 the second window (3..7) overlaps the first (2..4): left out.
   assert asr_lib.merge_spotted_phrases([1, 2, 3, 4], [0, 3, 6, 9], phrases, np.array([1, 0]), np.array([3, 4]),
                                        np.array([3, 6]), starts_word, margin=1) == [1, 9, 3, 4]
+  # A one-word phrase over three words: refused with max_extra_words 1, so the next spot is merged.
+  assert asr_lib.merge_spotted_phrases([1, 2, 3, 4], [0, 3, 6, 9], phrases, np.array([1, 2]), np.array([0, 9]),
+                                       np.array([6, 9]), starts_word, margin=0, max_extra_words=1) == [1, 2, 3, 5, 6]
 
 
 def test_a_sweep_lists_no_biasing_then_every_delta_of_each_mode_for_each_list_kind():

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlm_jax.decoding.ctc_spotter import phrase_gains, phrase_spots, replace_spotted_words, spotted_phrases
+from memlm_jax.decoding.ctc_spotter import replace_spotted_words
+from memlm_jax.losses.ctc_spotting import phrase_gains, phrase_spots, spotted_phrases
 
 
 def collapse(path):
@@ -113,3 +114,8 @@ def test_replacing_the_words_inside_the_window():
   assert replace_spotted_words(tokens, frames, [7], 7, 8, starts_word) == ([1, 2, 3, 4, 5, 7, 6],
                                                                           [0, 1, 3, 5, 6, 7, 9])
   assert replace_spotted_words([], [], [7], 2, 3, starts_word) == ([7], [2])
+  # A one-word phrase over three words ([1 2] [3] [4 5]): allowed with 2 extra words, refused with 1.
+  assert replace_spotted_words(tokens, frames, [7], 0, 5, starts_word, max_extra_words=2)[0] == [7, 6]
+  assert replace_spotted_words(tokens, frames, [7], 0, 5, starts_word, max_extra_words=1) is None
+  # A two-word phrase (label 6 starts a word) over the same three words: allowed with 1.
+  assert replace_spotted_words(tokens, frames, [6, 6], 0, 5, starts_word, max_extra_words=1)[0] == [6, 6, 6]

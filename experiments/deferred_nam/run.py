@@ -91,11 +91,15 @@ class Spotting:
   """The CTC-spotting rows (launch/biasing.py): the `top_k` phrases the base model's CTC head spots, each
   losing at most `threshold` nats per token, either boosted by KMP at `delta` (0: no such row) or
   merged into the best hypothesis in place of the words emitted in their windows widened by `margin`
-  frames (CTC word spotting, as NeMo's CTC-WS)."""
+  frames, unless that is over `max_extra_words` more words than the phrase has (CTC word spotting, as
+  NeMo's CTC-WS). The defaults were chosen on the validation split (runs/dnam_ctc/dev_spotting_sweep.json):
+  KMP's delta by WER, the word spotting's threshold and max_extra_words by the mean of own-list and
+  anti-list WER."""
   delta: float = 3.0
   top_k: int = 1
   threshold: float = 3.0
   margin: int = 0
+  max_extra_words: int = 2
 
   @property
   def spotter(self) -> CtcSpotter:
@@ -108,7 +112,8 @@ class Spotting:
 
   @property
   def word_spotting_label(self) -> str:
-    return f"CTC word spotting (top {self.top_k}, {self.threshold:g} nats/token), margin {self.margin}"
+    return (f"CTC word spotting (top {self.top_k}, {self.threshold:g} nats/token), margin {self.margin}, "
+            f"<= {self.max_extra_words} extra words")
 
 
 def _settings(variant: str, kmp_delta: float, spotting: Spotting = Spotting()) -> dict[str, Any]:
@@ -119,7 +124,7 @@ def _settings(variant: str, kmp_delta: float, spotting: Spotting = Spotting()) -
     if gin.query_parameter("Transducer.ctc_weight"):
       if spotting.delta:
         rows[spotting.kmp_label] = KmpBiasing(delta=spotting.delta, spotter=spotting.spotter)
-      rows[spotting.word_spotting_label] = CtcWordSpotting(spotting.spotter, spotting.margin)
+      rows[spotting.word_spotting_label] = CtcWordSpotting(spotting.spotter, spotting.margin, spotting.max_extra_words)
     return rows
   rows = {VARIANT_LABELS[variant]: NamBiasing()}
   if variant == "d3":
@@ -234,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="most nats per token a spotted phrase may lose against the CTC head's best labels")
   parser.add_argument("--spot_margin", type=int, default=Spotting.margin,
                       help="frames added on each side of a spotted window (CTC word spotting row)")
+  parser.add_argument("--spot_max_extra_words", type=int, default=Spotting.max_extra_words,
+                      help="most words a spotted phrase may replace beyond its own count")
   parser.add_argument("--vocab_size", type=int, default=128)
   parser.add_argument("--binding", action="append", default=[],
                       help="extra gin binding for every training and eval, e.g. --binding='TRAIN_STEPS = 500'")
@@ -245,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown or any(n not in (10, 100, 1000) for n in list_sizes):
       raise ValueError(f"--variants must be of {VARIANTS} (got {unknown}) and --list_sizes of 10, 100, 1000 "
                        f"(got {list_sizes}).")
-    spotting = Spotting(args.spot_delta, args.spot_top_k, args.spot_threshold, args.spot_margin)
+    spotting = Spotting(args.spot_delta, args.spot_top_k, args.spot_threshold, args.spot_margin,
+                        args.spot_max_extra_words)
     print(run(args.data_dir, args.out_dir, list_sizes, variants, args.kmp_delta, args.binding, args.vocab_size,
               spotting))
   except ValueError as error:

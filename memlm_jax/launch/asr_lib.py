@@ -267,7 +267,8 @@ class _SplitDecoder:
             hypothesis = [int(t) for t in tokens[i, :lengths[i]]]
             if isinstance(biasing, CtcWordSpotting):
               hypothesis = merge_spotted_phrases(hypothesis, outputs[2][i, :lengths[i]], phrases[i],
-                                                 *(x[i] for x in outputs[3:]), self._starts_word(), biasing.margin)
+                                                 *(x[i] for x in outputs[3:]), self._starts_word(), biasing.margin,
+                                                 biasing.max_extra_words)
             row["hypothesis"] = self.vocabulary.decode(hypothesis)
             rows.append(row)
         seconds = time.perf_counter() - start
@@ -283,9 +284,11 @@ class _SplitDecoder:
 
 
 def merge_spotted_phrases(tokens: Sequence[int], frames: Sequence[int], phrases: np.ndarray, indices: np.ndarray,
-                          starts: np.ndarray, ends: np.ndarray, starts_word: np.ndarray, margin: int) -> list[int]:
-  """One hypothesis with its spotted phrases merged in, best first (ctc_spotter.replace_spotted_words);
-  a phrase whose window (widened by margin) overlaps one already merged is left out.
+                          starts: np.ndarray, ends: np.ndarray, starts_word: np.ndarray, margin: int,
+                          max_extra_words: int | None = None) -> list[int]:
+  """One hypothesis with its spotted phrases merged in, best first (ctc_spotter.replace_spotted_words,
+  which may refuse a window over too many words); a phrase whose window (widened by margin) overlaps one
+  already merged is left out.
 
   Args:
     tokens, frames: the hypothesis's labels and their frames.
@@ -297,8 +300,9 @@ def merge_spotted_phrases(tokens: Sequence[int], frames: Sequence[int], phrases:
     if index < 0 or any(start - margin <= e + margin and s - margin <= end + margin for s, e in taken):
       continue
     phrase = [int(t) for t in phrases[index] if t]
-    tokens, frames = replace_spotted_words(tokens, frames, phrase, int(start), int(end), starts_word, margin)
-    taken.append((start, end))
+    merged = replace_spotted_words(tokens, frames, phrase, int(start), int(end), starts_word, margin, max_extra_words)
+    if merged is not None:
+      (tokens, frames), taken = merged, taken + [(start, end)]
   return tokens
 
 

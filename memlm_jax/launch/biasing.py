@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlm_jax.decoding import ctc_spotter
+from memlm_jax.losses import ctc_spotting
 from memlm_jax.decoding.aho_corasick import PhraseAutomaton, automaton_from_padded
 from memlm_jax.decoding.boosting import phrase_fusion
 from memlm_jax.decoding.kmp import PhraseTable, phrase_table_from_padded, select_phrases
@@ -38,12 +38,12 @@ NO_BIASING = {"biasing_delta": 0.0, "biasing_mode": None, "biasing_top_k": None,
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class CtcSpotter:
-  """Boost only the phrases a hybrid model's CTC head spots (decoding/ctc_spotter.py): the `top_k` of the
+  """Boost only the phrases a hybrid model's CTC head spots (losses/ctc_spotting.py): the `top_k` of the
   list that fit the utterance best, by CTC log-likelihood lost per token against the frame-wise best
   labels, and only those that lose at most `threshold` nats per token. The model needs a CTC head
   (Transducer.ctc_weight > 0)."""
   top_k: int = 1
-  threshold: float = 1.0
+  threshold: float = 3.0
 
   def __post_init__(self):
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -59,15 +59,15 @@ class CtcSpotter:
              bias_paddings: jax.Array) -> jax.Array:
     """[batch, top_k] indices of the spotted phrases (-1: none) from ctc_log_probs [batch, frames, vocab],
     frame_paddings [batch, frames] and the lists bias_tokens / bias_paddings [batch, phrases, phrase_len]."""
-    gains = ctc_spotter.phrase_gains(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)
-    return ctc_spotter.spotted_phrases(gains, bias_paddings, self.top_k, self.threshold)
+    gains = ctc_spotting.phrase_gains(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)
+    return ctc_spotting.spotted_phrases(gains, bias_paddings, self.top_k, self.threshold)
 
   def locate(self, ctc_log_probs: jax.Array, frame_paddings: jax.Array, bias_tokens: jax.Array,
              bias_paddings: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """As `select`, with each spotted phrase's window: (indices, start, end), each [batch, top_k] int32
     (start / end: its first and last frame; meaningless where the index is -1)."""
-    spots = ctc_spotter.phrase_spots(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)
-    indices = ctc_spotter.spotted_phrases(spots.gain, bias_paddings, self.top_k, self.threshold)
+    spots = ctc_spotting.phrase_spots(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)
+    indices = ctc_spotting.spotted_phrases(spots.gain, bias_paddings, self.top_k, self.threshold)
     window = lambda x: jnp.take_along_axis(x, jnp.maximum(indices, 0), axis=1)  # noqa: E731
     return indices, window(spots.start), window(spots.end)
 
@@ -203,10 +203,13 @@ class CtcWordSpotting:
   nothing is boosted in the search). Needs a CTC head and a SentencePiece vocabulary (words are whole
   pieces sequences starting with "▁").
 
+  max_extra_words: None, or the most words a phrase may replace beyond its own count (a window over
+    more is not trusted and nothing is merged for it).
   bias_lists / anti_seed: as for KmpBiasing.
   """
   spotter: CtcSpotter = CtcSpotter()
-  margin: int = 2
+  margin: int = 0
+  max_extra_words: int | None = 2
   bias_lists: str = "utterance"
   anti_seed: int = 0
 
@@ -222,13 +225,17 @@ class CtcWordSpotting:
       raise ValueError(f"CtcWordSpotting.spotter must be a CtcSpotter, got {self.spotter!r}.")
     if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
       raise ValueError(f"CtcWordSpotting.margin must be an integer number of frames >= 0, got {self.margin!r}.")
+    if self.max_extra_words is not None and (isinstance(self.max_extra_words, bool) or
+                                             not isinstance(self.max_extra_words, int) or self.max_extra_words < 0):
+      raise ValueError(f"CtcWordSpotting.max_extra_words must be None or an integer >= 0, got {self.max_extra_words!r}.")
     if self.bias_lists not in BIAS_LISTS:
       raise ValueError(f"CtcWordSpotting.bias_lists must be one of {BIAS_LISTS}, got {self.bias_lists!r}.")
 
   @property
   def name(self) -> str:
-    """File-name part, e.g. '_ctcws1t3m2', '_ctcws1t3m2_anti'."""
-    return (f"_ctcws{self.spotter.top_k}t{self.spotter.threshold:g}m{self.margin}"
+    """File-name part, e.g. '_ctcws1t3m0x1', '_ctcws1t3m2_anti' (x: max_extra_words, absent when None)."""
+    extra = "" if self.max_extra_words is None else f"x{self.max_extra_words}"
+    return (f"_ctcws{self.spotter.top_k}t{self.spotter.threshold:g}m{self.margin}{extra}"
             + ("_anti" if self.bias_lists == "anti" else ""))
 
   @property
@@ -237,7 +244,7 @@ class CtcWordSpotting:
 
   def summary(self) -> dict[str, Any]:
     return {**NO_BIASING, "bias_lists": self.bias_lists, "ctc_word_spotting": {
-        **dataclasses.asdict(self.spotter), "margin": self.margin}}
+        **dataclasses.asdict(self.spotter), "margin": self.margin, "max_extra_words": self.max_extra_words}}
 
 
 NAM_KMP_PHRASES = ("all", "nam_top_k")

@@ -421,3 +421,68 @@ def test_nam_decoder_runs_the_biased_encoder_and_kmp_over_its_top_k():
       params, batch["audio"], batch["audio_paddings"], small, np.float32(3.0), **lists)
   np.testing.assert_array_equal(top[0], same[0])
   np.testing.assert_array_equal(top[1], same[1])
+
+
+# -- spotting evidence (selection='ctc_spotting', spotting_prior) -----------------------------------------------
+
+
+def test_spotting_selects_the_best_fitting_phrases_and_puts_its_prior_on_their_windows():
+  """A hand-made CTC posterior spells phrase 3 = (5, 6) at frames 2-3 and phrase 1 = (7,) at frame 6; the
+  selection keeps them first (against a naive ranking by phrase_spots' gain per token) and the prior is p
+  exactly at their windows' frames, on their slots only; a huge prior makes the phrase attention follow it."""
+  frames, phrases = 9, 5
+  best = [0, 0, 5, 6, 0, 0, 7, 0, 0]
+  log_probs = jnp.log(jnp.asarray(np.where(np.eye(VOCAB)[best] > 0, 0.8, 0.2 / (VOCAB - 1)), jnp.float32))[None]
+  tokens = np.zeros((1, phrases, 2), np.int32)
+  for b, phrase in enumerate([(9, 9), (7,), (11, 12), (5, 6), (5, 13)]):
+    tokens[0, b, :len(phrase)] = phrase
+  paddings = (tokens == 0).astype(np.float32)
+  for prior in (0.0, 2.5, 1e4):
+    with nnx.use_eager_sharding(False):
+      biaser = nam.NamBiaser(VOCAB, 32, context_dim=16, num_heads=2, filter_dim=8, top_k=3, selection="ctc_spotting",
+                             spotting_prior=prior, spotting_threshold=1.0, rngs=nnx.Rngs(0))
+      hook = nam.BiasingAttention(32, context_dim=16, attention_dim=8, rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (1, frames, 32))
+    context = biaser(x, jnp.zeros((1, frames)), jnp.asarray(tokens), jnp.asarray(paddings), log_probs)
+    spots = nam.ctc_spotting.phrase_spots(log_probs, jnp.zeros((1, frames)), jnp.asarray(tokens), jnp.asarray(paddings))
+    per_token = np.asarray(spots.gain[0]) / (tokens[0] > 0).sum(-1)
+    assert context.selected[0].tolist() == np.argsort(-per_token, kind="stable")[:3].tolist()
+    assert context.selected[0, :2].tolist() == [1, 3]  # both fit exactly (gain 0; ties by index)
+    expected = np.zeros((frames, 4), np.float32)
+    expected[6, 0] = expected[2:4, 1] = prior  # the third kept phrase loses > 1 nat per token: no prior
+    np.testing.assert_array_equal(context.phrase_prior[0], expected)
+    if prior == 1e4:
+      hook(x, jnp.zeros((1, frames)), context)
+      attention = np.exp(np.asarray(nnx.pop(hook, nnx.Intermediate)["phrase_log_attention"][0][0]))
+      np.testing.assert_allclose(attention[[6, 2, 3], [0, 1, 1]], 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="needs the base model's CTC log-probs"):
+    biaser(x, jnp.zeros((1, frames)), jnp.asarray(tokens), jnp.asarray(paddings))
+  with pytest.raises(ValueError, match="selection must be one of"):
+    nam.NamBiaser(VOCAB, 32, selection="ctc", rngs=nnx.Rngs(0))
+
+
+def test_a_spotting_biaser_needs_a_ctc_head_and_reads_the_base_models():
+  hook = functools.partial(nam.BiasingAttention, context_dim=16, attention_dim=8)
+  encoder = functools.partial(ConformerEncoder, model_dim=32, num_layers=2, num_heads=2, conv_kernel=3,
+                              context_layers=(1,), context_module_factory=hook)
+  biaser = functools.partial(nam.NamBiaser, context_dim=16, num_heads=2, filter_dim=8, top_k=2,
+                             selection="ctc_spotting", spotting_prior=3.0)
+  parts = dict(num_mel_bins=16, spec_augment=None, encoder=encoder, biaser=biaser,
+               predictor=functools.partial(StatelessPredictor, embed_dim=8, output_dim=8),
+               joint=functools.partial(JointNetwork, joint_dim=8))
+  with nnx.use_eager_sharding(False):
+    with pytest.raises(ValueError, match="has no CTC head"):
+      Transducer(VOCAB, **parts, rngs=nnx.Rngs(0))
+    model = Transducer(VOCAB, **parts, ctc_weight=0.3, rngs=nnx.Rngs(0))
+  batch = _batch(phrases=5)
+  losses = model.loss(batch)  # trains through the spotting biaser
+  assert np.isfinite(float(losses["loss_sum"]))
+  # The selection is the K best phrases by spotting gain on the base model's own CTC posteriors.
+  plain, plain_paddings = _encode(model, batch)
+  spots = nam.ctc_spotting.phrase_spots(model.ctc_log_probs(plain), plain_paddings, batch["bias_tokens"],
+                                        batch["bias_paddings"])
+  per_token = np.asarray(spots.gain) / np.asarray((batch["bias_paddings"] == 0).sum(-1))
+  _, _, selected = model.encode_biased(batch["audio"], batch["audio_paddings"], batch["bias_tokens"],
+                                       batch["bias_paddings"])
+  for u in range(2):
+    assert sorted(np.asarray(selected[u]).tolist()) == sorted(np.argsort(-per_token[u], kind="stable")[:2].tolist())

@@ -11,8 +11,9 @@ continues from its newest checkpoint), and each eval's summary is kept in OUT_DI
 a rerun only computes what is missing. Models: OUT_DIR/base (tiny/transducer_contacts.gin) and
 OUT_DIR/<variant> (<variant>.gin beside this script). Rows (beam 4): no biasing; KMP shallow fusion
 (the base model); KMP of only the phrases the base model's CTC head spots (KmpBiasing.spotter,
---spot_*); those phrases merged into the best hypothesis instead (CtcWordSpotting); B1, D1, D2, D3 (NAM only); D3 + KMP over the whole list; D3 + KMP over the K
-phrases NAM selected. The tables go to stdout and OUT_DIR/table.md.
+--spot_*); those phrases merged into the best hypothesis instead (CtcWordSpotting); B1, D1, D2, D3
+(NAM only); D3 + KMP over the whole list; D3 + KMP over the K phrases NAM selected; D3S (ours: D3
+reading the CTC head, d3s.gin). The tables go to stdout and OUT_DIR/table.md.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from memlm_jax.launch.biasing import CtcSpotter, CtcWordSpotting, KmpBiasing, Na
 from scripts import make_synthetic_speech, train_spm  # noqa: E402
 
 BASE_CONFIG = "tiny/transducer_contacts.gin"
-VARIANTS = ("d3", "d1", "d2", "b1")  # trained and evaluated in this order: the paper's best first
+VARIANTS = ("d3", "d1", "d2", "b1", "d3s")  # trained and evaluated in this order: the paper's best first, ours last
 VARIANT_LABELS = {"b1": "B1: NAM, full encoding (Dual-mode NAM)", "d1": "D1: Deferred NAM",
-                  "d2": "D2: D1 + CE-PA", "d3": "D3: D2 + CE-WPA"}
+                  "d2": "D2: D1 + CE-PA", "d3": "D3: D2 + CE-WPA",
+                  "d3s": "D3S: D3 reading the CTC head (spotting selection and attention prior)"}
 # What the paper (Wu et al. 2024, arXiv 2404.10180) states; its per-row WERs come from production
 # data and are not reproduced here, so only its headline claims are printed beside ours.
 PAPER_CLAIMS = ("paper: D3 vs B1 up to 37.5% relative WER reduction (CE-PA + CE-WPA + the DAN pass); "
@@ -172,7 +174,8 @@ def _summary(payload: dict) -> dict[str, float]:
   return {k: payload[k] for k in ("wer", "b_wer", "u_wer", "phrase_cer", "reference_words", "step") if k in payload}
 
 
-ROW_ORDER = ("no biasing", "KMP", "KMP over", "CTC word", "B1", "D1", "D2", "D3:", "D3 + KMP (all", "D3 + KMP (NAM")
+ROW_ORDER = ("no biasing", "KMP", "KMP over", "CTC word", "B1", "D1", "D2", "D3:", "D3 + KMP (all", "D3 + KMP (NAM",
+             "D3S")
 
 
 def _row_rank(label: str) -> tuple[int, str]:

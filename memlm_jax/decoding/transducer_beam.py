@@ -223,8 +223,8 @@ class _Hyps(NamedTuple):
   """Hypotheses of every row in slots 0..n-1; every leaf leads with [batch, n].
 
   tokens [batch, n, max_len] (zero after lengths), lengths [batch, n], scores [batch, n]
-  (-inf = empty slot), frames [batch, n, max_len] (each label's frame), pred_state (leaves [batch, n, ...]), pred_out [batch, n, pred_dim],
-  fusion_state (leaves [batch, n, ...], () without fusion).
+  (-inf = empty slot), frames [batch, n, max_len] (each label's frame), pred_state (leaves [batch, n,
+  ...]), pred_out [batch, n, pred_dim], fusion_state (leaves [batch, n, ...], () without fusion).
   """
   tokens: jax.Array
   lengths: jax.Array

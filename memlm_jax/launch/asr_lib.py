@@ -84,16 +84,17 @@ def make_decoder(graphdef: nnx.GraphDef, *, beam_size: int, max_symbols_per_fram
   max_output_length], lengths [batch]).
 
   Without KMP boosting or ILM subtraction: greedy decoding when beam_size is 1, else `beam_search`
-  with `method` ('tsd' or 'one_pass') and `ilm_weight` (transducer_beam's internal-LM subtraction). With KMP boosting (a KmpBiasing, or a NamBiasing with kmp): the beam
-  search (beam 1 included) fused with the boosting of `table`, a batched PhraseTable (row u biases
-  utterance u), at bonus `delta`, a traced scalar, so every bonus (0 included: exactly the unbiased
-  beam search) and every phrase list of the same shape reuse one compilation. With NamBiasing the
-  encoder reads bias_tokens / bias_paddings [batch, phrases, phrase_len] through the model's
-  biaser (and KMP may boost only the K phrases it selected); with a KmpBiasing.spotter the model's
-  CTC head picks the phrases KMP boosts from bias_tokens. With CtcWordSpotting the decoder returns
-  (tokens, lengths, frames [batch, max_output_length] of the best hypothesis, and the spotted phrases'
-  indices, start and end frames [batch, top_k]) for `merge_spotted_phrases` on the host. Only
-  biasing's `decoder_key` is built in.
+  with `method` ('tsd' or 'one_pass') and `ilm_weight` (transducer_beam's internal-LM subtraction).
+  With KMP boosting (a KmpBiasing, or a NamBiasing with kmp): the beam search (beam 1 included)
+  fused with the boosting of `table`, a batched PhraseTable (row u biases utterance u), at bonus
+  `delta`, a traced scalar, so every bonus (0 included: exactly the unbiased beam search) and every
+  phrase list of the same shape reuse one compilation. With NamBiasing the encoder reads
+  bias_tokens / bias_paddings [batch, phrases, phrase_len] through the model's biaser (and KMP may
+  boost only the K phrases it selected); with a KmpBiasing.spotter the model's CTC head picks the
+  phrases KMP boosts from bias_tokens. With CtcWordSpotting the decoder returns (tokens, lengths,
+  frames [batch, max_output_length] of the best hypothesis, and the spotted phrases' indices, start
+  and end frames [batch, top_k]) for `merge_spotted_phrases` on the host. Only biasing's
+  `decoder_key` is built in.
   """
   check_search(beam_size, method, ilm_weight)
   search = dict(max_symbols_per_frame=max_symbols_per_frame, max_output_length=max_output_length)
@@ -392,7 +393,8 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
                 **({"ilm_weight": ilm_weight} if ilm_weight else {}), **biasing_summary}
     payload = {"task": task_name, "split": split, "step": restored.step, "utterances": len(rows),
                "beam_size": beam_size, "beam_method": beam_method, "max_symbols_per_frame": max_symbols_per_frame,
-               "ilm_weight": ilm_weight, "settings": settings, **_wer_summary(rows), **biasing_summary, "timing": timing}
+               "ilm_weight": ilm_weight, "settings": settings, **_wer_summary(rows), **biasing_summary,
+               "timing": timing}
     if jax.process_index() == 0:
       name = settings_name(f"asr_{split}_beam{beam_size}{_method_name(beam_method, ilm_weight)}"
                            f"{'' if setting is None else setting.name}", settings, restored.step)

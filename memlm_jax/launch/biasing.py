@@ -227,7 +227,8 @@ class CtcWordSpotting:
       raise ValueError(f"CtcWordSpotting.margin must be an integer number of frames >= 0, got {self.margin!r}.")
     if self.max_extra_words is not None and (isinstance(self.max_extra_words, bool) or
                                              not isinstance(self.max_extra_words, int) or self.max_extra_words < 0):
-      raise ValueError(f"CtcWordSpotting.max_extra_words must be None or an integer >= 0, got {self.max_extra_words!r}.")
+      raise ValueError(f"CtcWordSpotting.max_extra_words must be None or an integer >= 0, got "
+                       f"{self.max_extra_words!r}.")
     if self.bias_lists not in BIAS_LISTS:
       raise ValueError(f"CtcWordSpotting.bias_lists must be one of {BIAS_LISTS}, got {self.bias_lists!r}.")
 

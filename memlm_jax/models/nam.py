@@ -23,6 +23,14 @@ filter *before* the context encoder, so only K phrases are ever encoded. Three s
            inside each phrase, Delta = sum_k p_k sum_l w_kl V(wordpiece_kl), projected to the
            model width and added as x + s * Delta.
 
+Spotting evidence (ours; a hybrid transducer-CTC base, Transducer.ctc_weight > 0). The DAN keys are
+learned from the training names and retrieve held-out ones at chance, while the base model's CTC head
+ranks the spoken phrase first about half the time (losses/ctc_spotting.py, experiments/deferred_nam).
+`selection='ctc_spotting'` keeps the K phrases that fit the CTC posteriors best (gain per token)
+instead of the DAN's, and `spotting_prior` p > 0 adds p to the phrase attention's logit of each kept
+phrase at the frames of its spotted window, when it loses at most `spotting_threshold` nats per token.
+Both read the base model's CTC head on the stream at the biasing block (under stop_gradient).
+
 Supervision of retrieval (the paper's two added losses, with our target construction):
   CE-PA    per frame, cross entropy of the phrase attention against the phrases whose
            wordpieces the model emits there (or the no-bias entry);
@@ -58,8 +66,10 @@ from flax import nnx, struct
 
 from memlm_jax.layers.checks import check_positive_sizes
 from memlm_jax.layers.conformer import FeedForward, SelfAttention, dense, layer_norm
+from memlm_jax.losses import ctc_spotting
 
 PHRASE_ATTENTION_FRAMES = ("all", "emitting")
+SELECTIONS = ("dan", "ctc_spotting")
 # Score of a phrase that cannot be selected (padding); finite, so softmaxes stay NaN-free.
 _NEG = -1e30
 
@@ -73,12 +83,15 @@ class NamContext:
   phrases: [batch, K + 1, context_dim] phrase embeddings.
   phrase_valid: [batch, K + 1] bool; a selected slot holding no phrase is False, no-bias True.
   selected: [batch, K] int32 index into the list of each selected phrase (score order).
+  phrase_prior: [batch, frames, K + 1] float32 added to the phrase attention's logits (the spotting
+    prior; zeros without it).
   """
   wordpieces: jax.Array
   wordpiece_valid: jax.Array
   phrases: jax.Array
   phrase_valid: jax.Array
   selected: jax.Array
+  phrase_prior: jax.Array
 
 
 def _masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -126,12 +139,16 @@ class NamBiaser(nnx.Module):
       filter losses' weights (0 = off), each a mean over the frames (phrases) it covers.
     phrase_attention_frames: the frames CE-PA averages over: 'all' valid frames, or only 'emitting'
       ones (where the alignment emits a label; the silent majority, all no-bias, otherwise dominates).
+    selection: 'dan' (the filter's scores) or 'ctc_spotting' (the K phrases that fit the base model's
+      CTC posteriors best; module docstring).
+    spotting_prior, spotting_threshold: the phrase attention's spotting prior (0 = off; module docstring).
   """
 
   def __init__(self, vocab_size: int, model_dim: int, *, context_dim: int = 96, num_layers: int = 1,
                num_heads: int = 4, ff_mult: int = 2, filter_dim: int = 64, top_k: int = 16, deferred: bool = True,
                phrase_attention_weight: float = 0.0, wordpiece_attention_weight: float = 0.0,
-               filter_weight: float = 1.0, phrase_attention_frames: str = "all", dtype: jnp.dtype = jnp.float32,
+               filter_weight: float = 1.0, phrase_attention_frames: str = "all", selection: str = "dan",
+               spotting_prior: float = 0.0, spotting_threshold: float = 3.0, dtype: jnp.dtype = jnp.float32,
                rngs: nnx.Rngs):
     check_positive_sizes("NamBiaser", vocab_size=vocab_size, model_dim=model_dim, context_dim=context_dim,
                          num_layers=num_layers, num_heads=num_heads, ff_mult=ff_mult, filter_dim=filter_dim,
@@ -143,7 +160,15 @@ class NamBiaser(nnx.Module):
     if phrase_attention_frames not in PHRASE_ATTENTION_FRAMES:
       raise ValueError(f"NamBiaser.phrase_attention_frames must be one of {PHRASE_ATTENTION_FRAMES}, got "
                        f"{phrase_attention_frames!r}.")
+    if selection not in SELECTIONS:
+      raise ValueError(f"NamBiaser.selection must be one of {SELECTIONS}, got {selection!r}.")
+    if not (spotting_prior >= 0 and spotting_threshold >= 0):
+      raise ValueError(f"NamBiaser.spotting_prior and spotting_threshold must be >= 0, got {spotting_prior} and "
+                       f"{spotting_threshold}.")
     self.phrase_attention_frames = phrase_attention_frames
+    self.selection = selection
+    self.spotting_prior = float(spotting_prior)
+    self.spotting_threshold = float(spotting_threshold)
     self.context_dim = context_dim
     self.top_k = top_k
     self.deferred = deferred
@@ -198,13 +223,22 @@ class NamBiaser(nnx.Module):
       x = layer(x, paddings)
     return self.final_norm(x).reshape(batch, n, length, -1)
 
-  def __call__(self, x: jax.Array, paddings: jax.Array, bias_tokens: jax.Array, bias_paddings: jax.Array
-               ) -> NamContext:
+  @property
+  def uses_spotting(self) -> bool:
+    """Whether the biaser reads the base model's CTC posteriors (its __call__ needs ctc_log_probs)."""
+    return self.selection == "ctc_spotting" or self.spotting_prior > 0
+
+  def __call__(self, x: jax.Array, paddings: jax.Array, bias_tokens: jax.Array, bias_paddings: jax.Array,
+               ctc_log_probs: jax.Array | None = None) -> NamContext:
     """x [batch, frames, model_dim] (the stream at the first biasing block), paddings [batch, frames],
-    bias_tokens / bias_paddings [batch, phrases, phrase_len] -> NamContext with K = top_k.
+    bias_tokens / bias_paddings [batch, phrases, phrase_len], ctc_log_probs [batch, frames, vocab] (the
+    base model's CTC head on x; needed when `uses_spotting`) -> NamContext with K = top_k.
 
     Sows `sown_filter_logits` [batch, phrases' + 1] (phrases' = max(phrases, K)) for the filter loss."""
     _check_bias_arrays(bias_tokens, bias_paddings, x.shape[0])
+    if self.uses_spotting and ctc_log_probs is None:
+      raise ValueError("NamBiaser with selection='ctc_spotting' or spotting_prior > 0 needs the base model's CTC "
+                       "log-probs (a transducer with a CTC head, Transducer.ctc_weight > 0).")
     batch, phrases, length = bias_tokens.shape
     if phrases < self.top_k:  # fewer phrases than K: padded slots, never valid
       extra = self.top_k - phrases
@@ -218,7 +252,13 @@ class NamBiaser(nnx.Module):
       keys = self.encoded_filter_key(_masked_mean(every_wordpiece, bias_valid))
     logits = self.filter_logits(x, paddings, keys, bias_valid)
     self.sow(nnx.Intermediate, "sown_filter_logits", logits)
-    _, selected = jax.lax.top_k(logits[:, :-1], self.top_k)  # [batch, K]
+    if self.uses_spotting:
+      spots = ctc_spotting.phrase_spots(jax.lax.stop_gradient(ctc_log_probs), paddings, bias_tokens, bias_paddings)
+      tokens_per_phrase = jnp.sum(bias_valid, axis=-1)
+      fit = jnp.where(tokens_per_phrase > 0, spots.gain / jnp.maximum(tokens_per_phrase, 1), _NEG)  # [batch, phrases']
+      fit = jnp.where(jnp.isfinite(fit), fit, _NEG)
+    ranking = fit if self.selection == "ctc_spotting" else logits[:, :-1]
+    _, selected = jax.lax.top_k(ranking, self.top_k)  # [batch, K]
     pick = lambda a: jnp.take_along_axis(a, selected.reshape(batch, self.top_k, *(1,) * (a.ndim - 2)), axis=1)
     tokens, valid = pick(bias_tokens), pick(bias_valid)
     wordpieces = self.encode_phrases(tokens, valid) if self.deferred else pick(every_wordpiece)
@@ -230,7 +270,15 @@ class NamBiaser(nnx.Module):
         _masked_mean(wordpieces[:, :-1], valid),
         jnp.broadcast_to(self.no_bias_phrase[...].astype(wordpieces.dtype), (batch, 1, self.context_dim))], axis=1)
     phrase_valid = jnp.any(wordpiece_valid, axis=-1)
-    return NamContext(wordpieces, wordpiece_valid, phrase_embeddings, phrase_valid, selected.astype(jnp.int32))
+    prior = jnp.zeros((batch, x.shape[1], self.top_k + 1), jnp.float32)
+    if self.spotting_prior > 0:
+      take = lambda a: jnp.take_along_axis(a, selected, axis=1)  # noqa: E731
+      trusted = take(fit) >= -self.spotting_threshold  # [batch, K]
+      frame = jnp.arange(x.shape[1])[None, :, None]
+      inside = (frame >= take(spots.start)[:, None]) & (frame <= take(spots.end)[:, None]) & trusted[:, None]
+      prior = prior.at[..., :-1].set(self.spotting_prior * inside.astype(jnp.float32))
+    return NamContext(wordpieces, wordpiece_valid, phrase_embeddings, phrase_valid, selected.astype(jnp.int32),
+                      prior)
 
 
 @gin.configurable
@@ -280,7 +328,7 @@ class BiasingAttention(nnx.Module):
     h = self.norm(x)
     scale = self.phrase_query.out_features ** -0.5
     phrase_logits = jnp.einsum("bta,bka->btk", self.phrase_query(h), self.phrase_key(context.phrases),
-                               preferred_element_type=jnp.float32) * scale
+                               preferred_element_type=jnp.float32) * scale + context.phrase_prior
     phrase_log_p = jax.nn.log_softmax(jnp.where(context.phrase_valid[:, None, :], phrase_logits, _NEG), axis=-1)
     wordpiece_logits = jnp.einsum("bta,bkla->btkl", self.wordpiece_query(h), self.wordpiece_key(context.wordpieces),
                                   preferred_element_type=jnp.float32) * scale

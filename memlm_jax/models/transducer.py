@@ -70,6 +70,9 @@ class Transducer(nnx.Module):
       raise ValueError("Transducer.biaser needs an encoder with biasing blocks: set ConformerEncoder.context_layers "
                        "(e.g. (2,)) and ConformerEncoder.context_module_factory = @BiasingAttention.")
     self.biaser = biaser(vocab_size, self.encoder.model_dim, dtype=dtype, rngs=rngs) if biaser is not None else None
+    if self.biaser is not None and getattr(self.biaser, "uses_spotting", False) and self.ctc_head is None:
+      raise ValueError("Transducer.biaser reads CTC spotting evidence (NamBiaser.selection='ctc_spotting' or "
+                       "spotting_prior > 0) but the model has no CTC head: set Transducer.ctc_weight > 0.")
 
   def encode(self, audio: jax.Array, audio_paddings: jax.Array, *, bias_tokens: jax.Array | None = None,
              bias_paddings: jax.Array | None = None, context: Any = None, deterministic: bool = True,
@@ -114,7 +117,8 @@ class Transducer(nnx.Module):
                        f"{bias_tokens.shape}.")
 
     def context(x, paddings):
-      biasing = self.biaser(x, paddings, bias_tokens, bias_paddings)
+      ctc_log_probs = self.ctc_log_probs(x) if self.biaser.uses_spotting else None
+      biasing = self.biaser(x, paddings, bias_tokens, bias_paddings, ctc_log_probs)
       self.biaser.sow(nnx.Intermediate, "selected_phrases", biasing.selected)
       return biasing
 

@@ -57,7 +57,12 @@ def diagnose(model: Transducer, batch: dict[str, jnp.ndarray]) -> dict[str, floa
   first = jnp.argmax(sown["filter_logits"], axis=-1)
   first_spoken = jnp.take_along_axis(target, first[:, None], axis=1)[:, 0] > 0
   count = jnp.maximum(jnp.sum(phrase_frames), 1)
+  labels = jnp.maximum(jnp.sum(batch["target_paddings"] <= 0), 1)
+  nll_plain = jnp.sum(model.nll_of_encoding(plain, paddings, batch)) / labels
+  nll_biased = jnp.sum(model.nll_of_encoding(biased, paddings, batch)) / labels
   return {
+      "reference NLL per label, unbiased encoding": float(nll_plain),
+      "reference NLL per label, biased encoding": float(nll_biased),
       "relative change of the encoding |Delta| / |x|": float(moved),
       "frames emitting phrase wordpieces": float(jnp.sum(phrase_frames)),
       "phrase attention on the spoken phrase there": float(jnp.sum(jnp.sum(phrase_p * phrase_target, -1) *

@@ -81,7 +81,7 @@ def test_settings_are_checked_before_anything_runs_and_every_setting_has_its_own
   for bad, match in ((dict(top_k=0), "top_k must be an integer >= 1"), (dict(threshold=-1.0), "threshold must be")):
     with pytest.raises(ValueError, match=match):
       CtcSpotter(**bad)
-  with pytest.raises(ValueError, match="spotter .* needs backend 'kmp'|needs backend 'kmp'"):
+  with pytest.raises(ValueError, match="needs backend 'kmp'"):
     KmpBiasing(1.0, backend="aho_corasick", spotter=CtcSpotter())
   with pytest.raises(ValueError, match="with a CtcSpotter is not supported"):
     NamBiasing(kmp=KmpBiasing(1.0, spotter=CtcSpotter()))
@@ -103,8 +103,8 @@ def test_merging_spotted_phrases_best_first_skipping_overlaps_and_empty_slots():
   merged = asr_lib.merge_spotted_phrases([1, 2, 3, 4], [0, 3, 6, 9], phrases, indices=np.array([1, 0, -1, 2]),
                                          starts=np.array([3, 4, 0, 9]), ends=np.array([3, 6, 0, 9]),
                                          starts_word=starts_word, margin=0)
-  # Phrase 1 replaces word 2 (frame 3); phrase 0's window 4..6 overlaps 3..3? no: it replaces word 3;
-  # the -1 slot is skipped; phrase 2 replaces word 4.
+  # Phrase 1 (window 3..3) replaces word 2; phrase 0 (window 4..6, clear of 3..3) replaces word 3; the
+  # -1 slot is skipped; phrase 2 (window 9..9) replaces word 4.
   assert merged == [1, 9, 7, 8, 5, 6]
   # With a margin of 1 the second window (3..7) overlaps the first (2..4): left out.
   assert asr_lib.merge_spotted_phrases([1, 2, 3, 4], [0, 3, 6, 9], phrases, np.array([1, 0]), np.array([3, 4]),
@@ -241,7 +241,7 @@ def test_the_ctc_spotter_boosts_exactly_the_phrases_it_spots():
     model = Transducer(rngs=nnx.Rngs(2))
   graphdef, params = nnx.split(model)
   sizes = dict(beam_size=3, max_symbols_per_frame=3, max_output_length=12)
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(11)
   audio = jnp.asarray(rng.normal(scale=0.1, size=(batch, 4000)), jnp.float32)
   paddings = jnp.zeros_like(audio).at[1, 3000:].set(1.0)
   tokens = np.zeros((batch, phrases, 4), np.int32)

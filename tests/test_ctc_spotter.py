@@ -77,6 +77,8 @@ def test_spotted_phrases_by_gain_per_token_with_threshold():
   tokens, phrase_paddings = padded([[(1, 2), (1,), (1, 2, 3), (1,)], [(1,), (1, 2, 3), (2,), (2, 2)]], length=3)
   # Per token: row 0: -0.5, -0.5, -2, -inf; row 1: -0.1, -1, 0, -1.
   got = np.asarray(spotted_phrases(gains, phrase_paddings, top_k=3, threshold=1.0))
+  # An empty phrase (gain -inf) is never spotted, even with no threshold at all.
+  assert np.asarray(spotted_phrases(gains, phrase_paddings, top_k=4, threshold=np.inf))[0].tolist()[3] == -1
   assert sorted(got[0][:2]) == [0, 1] and got[0][2] == -1
   assert got[1][0] == 2 and got[1][1] == 0 and got[1][2] in (1, 3)
   assert np.asarray(spotted_phrases(gains, phrase_paddings, top_k=6, threshold=0.0))[1].tolist() == [2, -1, -1, -1,
@@ -88,7 +90,7 @@ def test_spotted_phrases_by_gain_per_token_with_threshold():
 
 
 def test_the_window_attains_the_gain():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(7)
   log_probs = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(1, 6, 4)) * 2.0, jnp.float32))
   lists = [[(1,), (2, 3), (3, 1, 3), (2, 2)]]
   tokens, phrase_paddings = padded(lists, length=3)
@@ -114,6 +116,9 @@ def test_replacing_the_words_inside_the_window():
   assert replace_spotted_words(tokens, frames, [7], 7, 8, starts_word) == ([1, 2, 3, 4, 5, 7, 6],
                                                                           [0, 1, 3, 5, 6, 7, 9])
   assert replace_spotted_words([], [], [7], 2, 3, starts_word) == ([7], [2])
+  # A word emitted across the window ("4 5" at frames 2 and 8; the window 4..6 holds none of its labels)
+  # counts as inside, so the frames stay in order.
+  assert replace_spotted_words([4, 5, 6], [2, 8, 9], [7], 4, 6, starts_word) == ([7, 6], [4, 9])
   # A one-word phrase over three words ([1 2] [3] [4 5]): allowed with 2 extra words, refused with 1.
   assert replace_spotted_words(tokens, frames, [7], 0, 5, starts_word, max_extra_words=2)[0] == [7, 6]
   assert replace_spotted_words(tokens, frames, [7], 0, 5, starts_word, max_extra_words=1) is None

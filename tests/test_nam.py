@@ -473,6 +473,9 @@ def test_a_spotting_biaser_needs_a_ctc_head_and_reads_the_base_models():
   with nnx.use_eager_sharding(False):
     with pytest.raises(ValueError, match="has no CTC head"):
       Transducer(VOCAB, **parts, rngs=nnx.Rngs(0))
+    early = functools.partial(encoder, context_layers=(0, 1))
+    with pytest.raises(ValueError, match=r"context_layers=\[0, 1\] must start at the last block \(1\)"):
+      Transducer(VOCAB, **{**parts, "encoder": early}, ctc_weight=0.3, rngs=nnx.Rngs(0))
     model = Transducer(VOCAB, **parts, ctc_weight=0.3, rngs=nnx.Rngs(0))
   batch = _batch(phrases=5)
   losses = model.loss(batch)  # trains through the spotting biaser

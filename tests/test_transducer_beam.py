@@ -610,6 +610,9 @@ def test_ilm_weight_zero_is_the_plain_search():
                                                                                                         paddings)
   for a, b in zip(plain, zero):
     np.testing.assert_array_equal(a, b)
+  subtracted = jit_beam(rnn_model(3), beam_size=4, max_symbols_per_frame=2, max_output_length=8, ilm_weight=0.5)(
+      enc, paddings)
+  assert not np.allclose(subtracted.scores, plain.scores)  # the weight reaches the search
 
 
 # Bad input.

@@ -11,8 +11,8 @@ def replace_spotted_words(tokens: Sequence[int], frames: Sequence[int], phrase: 
                           starts_word: Sequence[bool], margin: int = 0,
                           max_extra_words: int | None = None) -> tuple[list[int], list[int]] | None:
   """A hypothesis with a spotted phrase merged in, as NeMo's CTC word spotter merges into a transducer's
-  output: the words with a token emitted inside the frames [start - margin, end + margin] give way to
-  the phrase; when no word lies there, the phrase goes in before the first word emitted after `end`.
+  output: the words whose frames (first to last label) overlap [start - margin, end + margin] give way to
+  the phrase; when no word does, the phrase goes in before the first word emitted after `end`.
 
   Args:
     tokens, frames: the hypothesis's labels and the encoder frame each was emitted at (nondecreasing).
@@ -31,7 +31,7 @@ def replace_spotted_words(tokens: Sequence[int], frames: Sequence[int], phrase: 
       words.append([])
     words[-1].append(i)
   inside = [w for w, positions in enumerate(words)
-            if any(start - margin <= frames[i] <= end + margin for i in positions)]
+            if frames[positions[0]] <= end + margin and frames[positions[-1]] >= start - margin]
   phrase_words = sum(1 for i, token in enumerate(phrase) if i == 0 or starts_word[token])
   if max_extra_words is not None and len(inside) > phrase_words + max_extra_words:
     return None

@@ -51,7 +51,7 @@ joint networks' own prior, the joint with a zero encoder frame and its softmax r
 non-blank labels (Transducer.internal_lm_nll scores whole sequences the same way). Blank is unchanged.
 It takes out the label prior the prediction network learned from the training transcripts, so that
 an unseen word (a held-out name in a bias list) is not outvoted by familiar ones; the bonuses are
-positive, so the 'tsd' drop below is a pruning heuristic then too.
+positive, so the 'tsd' drop of active hypotheses below B (above) is a pruning heuristic then too.
 
 Score fusion (`ScoreFusion`) plugs an external scorer (LM shallow fusion, KMP phrase
 boosting) into the search without editing it: its state rides along with each hypothesis
@@ -363,7 +363,7 @@ def _tsd_step(expander: _Expander, active: _Hyps, ended: _Hyps, step: jax.Array,
   scores, flat_index = jax.lax.top_k(with_label.reshape(batch, k * labels), k)
   parent, label = flat_index // labels, flat_index % labels + 1
   active = expander.emit(_take(active, parent)._replace(scores=scores), label, jnp.isfinite(scores), frame_index)
-  # Blank (and, without positive fusion bonuses, every label) only lowers a score: an active
+  # Blank (and, without positive fusion bonuses or ILM subtraction, every label) only lowers a score: an active
   # hypothesis already below B's k-th best can never enter B.
   survives = active.scores >= ended.scores[:, -1:]
   return active._replace(scores=jnp.where(survives, active.scores, _NEG_INF)), ended
@@ -451,7 +451,7 @@ def beam_search(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: ja
     max_output_length: width of the output; a full hypothesis only emits blanks.
     fusion: optional external scorer (see `ScoreFusion`).
     fusion_top_k: in 'shallow' mode, give the bonus only to the hypothesis's top-k labels
-      by model log-prob (None = all labels).
+      by model log-prob, less the internal LM's with ilm_weight (None = all labels).
     method: 'tsd' (ended and active hypotheses in separate sets of beam_size slots) or
       'one_pass' (one shared set; beam 1 is greedy). See the module docstring.
     ilm_weight: w >= 0 of the internal-LM subtraction (module docstring; 0 = off). A Python float: it

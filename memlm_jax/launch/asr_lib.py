@@ -29,6 +29,12 @@ phrase is in the transcript, so the numbers to read are WER and U-WER against th
 `asr_eval.biasing` may also be a list of settings (e.g. `@kmp_sweep()`): each is decoded and
 written in turn with one restore and one compiled decoder per (mode, top_k), every delta and
 list reusing it; asr_eval then returns {"runs": [the summary of each setting]}.
+
+On a hybrid transducer-CTC model (a CTC head) the list can be narrowed first: `KmpBiasing.spotter =
+@CtcSpotter()` boosts only the phrases the CTC head spots ('_ctcspot<k>t<threshold>' in the name), and
+`asr_eval.biasing = @CtcWordSpotting()` instead merges the spotted phrases into the best hypothesis in
+place of the words emitted in their windows ('_ctcws<k>t<threshold>m<margin>x<extra words>'; always a
+beam search, beam 1 included, since it needs each label's frame).
 """
 
 from __future__ import annotations
@@ -58,8 +64,9 @@ from memlm_jax.runtime.train_state import InferenceState
 
 Biasing = KmpBiasing | NamBiasing | CtcWordSpotting
 # (params, audio [batch, samples], audio_paddings [batch, samples][, table, delta, bias_tokens, bias_paddings]) ->
-# (tokens [batch, max_output_length] int32, lengths [batch] int32) of the best hypotheses.
-Decoder = Callable[..., tuple[jax.Array, jax.Array]]
+# (tokens [batch, max_output_length] int32, lengths [batch] int32) of the best hypotheses (with CtcWordSpotting also
+# their frames and the spotted phrases: make_decoder).
+Decoder = Callable[..., tuple[jax.Array, ...]]
 
 
 def check_search(beam_size: int, method: str, ilm_weight: float = 0.0) -> None:
@@ -342,8 +349,8 @@ def asr_eval(model_dir: str, *, model: Callable[..., Any] = gin.REQUIRED, task_n
     batch_size: utterances per decode step over all hosts (each host decodes batch_size / hosts of
       its own shard of the split; the rows of every host are gathered before scoring).
     beam_size, max_symbols_per_frame, beam_method, ilm_weight: the search (module docstring).
-    biasing: a KmpBiasing or NamBiasing (None = off), or a list of settings decoded in turn (module
-      docstring).
+    biasing: a KmpBiasing, NamBiasing or CtcWordSpotting (None = off), or a list of settings decoded in
+      turn (module docstring).
   """
   check_search(beam_size, beam_method, ilm_weight)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -132,7 +132,7 @@ def spotted_phrases(gains: jax.Array, phrase_paddings: jax.Array, top_k: int, th
   per_token = jnp.where(lengths > 0, gains / jnp.maximum(lengths, 1), _NEG_INF)
   k = min(top_k, gains.shape[1])
   values, indices = jax.lax.top_k(per_token, k)
-  indices = jnp.where(values >= -threshold, indices, -1).astype(jnp.int32)
+  indices = jnp.where(jnp.isfinite(values) & (values >= -threshold), indices, -1).astype(jnp.int32)
   if k < top_k:
     indices = jnp.concatenate([indices, jnp.full((gains.shape[0], top_k - k), -1, jnp.int32)], axis=1)
   return indices

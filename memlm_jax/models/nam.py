@@ -162,8 +162,9 @@ class NamBiaser(nnx.Module):
                        f"{phrase_attention_frames!r}.")
     if selection not in SELECTIONS:
       raise ValueError(f"NamBiaser.selection must be one of {SELECTIONS}, got {selection!r}.")
-    if not (spotting_prior >= 0 and spotting_threshold >= 0):
-      raise ValueError(f"NamBiaser.spotting_prior and spotting_threshold must be >= 0, got {spotting_prior} and "
+    if not (0 <= spotting_prior < float("inf") and 0 <= spotting_threshold < float("inf")):
+      raise ValueError(f"NamBiaser.spotting_prior and spotting_threshold must be finite and >= 0, got "
+                       f"{spotting_prior} and "
                        f"{spotting_threshold}.")
     self.phrase_attention_frames = phrase_attention_frames
     self.selection = selection

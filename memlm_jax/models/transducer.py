@@ -70,9 +70,15 @@ class Transducer(nnx.Module):
       raise ValueError("Transducer.biaser needs an encoder with biasing blocks: set ConformerEncoder.context_layers "
                        "(e.g. (2,)) and ConformerEncoder.context_module_factory = @BiasingAttention.")
     self.biaser = biaser(vocab_size, self.encoder.model_dim, dtype=dtype, rngs=rngs) if biaser is not None else None
-    if self.biaser is not None and getattr(self.biaser, "uses_spotting", False) and self.ctc_head is None:
-      raise ValueError("Transducer.biaser reads CTC spotting evidence (NamBiaser.selection='ctc_spotting' or "
-                       "spotting_prior > 0) but the model has no CTC head: set Transducer.ctc_weight > 0.")
+    if self.biaser is not None and self.biaser.uses_spotting:
+      if self.ctc_head is None:
+        raise ValueError("Transducer.biaser reads CTC spotting evidence (NamBiaser.selection='ctc_spotting' or "
+                         "spotting_prior > 0) but the model has no CTC head: set Transducer.ctc_weight > 0.")
+      last_block = len(self.encoder.blocks) - 1
+      if min(self.encoder.context_layers) != last_block:
+        raise ValueError(f"NamBiaser's CTC spotting reads the CTC head, trained on the encoder's output, on the stream "
+                         f"at the first biasing block; ConformerEncoder.context_layers="
+                         f"{list(self.encoder.context_layers)} must start at the last block ({last_block}).")
 
   def encode(self, audio: jax.Array, audio_paddings: jax.Array, *, bias_tokens: jax.Array | None = None,
              bias_paddings: jax.Array | None = None, context: Any = None, deterministic: bool = True,

@@ -62,6 +62,7 @@ before pruning ('shallow') or to the survivors after pruning ('rescore').
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -212,7 +213,7 @@ def greedy_decode(fns: TransducerFns, encoder_out: jax.Array, encoder_paddings: 
 
 def check_ilm_weight(ilm_weight: Any) -> None:
   """The internal-LM weight's one check: a finite number >= 0."""
-  if isinstance(ilm_weight, bool) or not isinstance(ilm_weight, (int, float)) or not 0 <= ilm_weight < float("inf"):
+  if isinstance(ilm_weight, bool) or not isinstance(ilm_weight, numbers.Real) or not 0 <= ilm_weight < float("inf"):
     raise ValueError(f"ilm_weight must be a finite number >= 0 (0 = no internal-LM subtraction), got {ilm_weight!r}.")
 
 

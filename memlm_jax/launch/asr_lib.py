@@ -183,6 +183,7 @@ class _SplitDecoder:
     self._decoders: dict[Any, Decoder] = {}
     self._anti: dict[int, tuple[dict[str, list[str]], dict[str, list[int]]]] = {}
     self._spelled: set[str] = set()
+    self._word_starts: np.ndarray | None = None
 
   def _decoder(self, biasing: Biasing | None) -> Decoder:
     key = None if biasing is None else biasing.decoder_key
@@ -249,7 +250,7 @@ class _SplitDecoder:
 
   def _starts_word(self) -> np.ndarray:
     """[vocab] bool: whether each label begins a word (its SentencePiece piece starts with "▁")."""
-    if not hasattr(self, "_word_starts"):
+    if self._word_starts is None:
       tokenizer = self.vocabulary.tokenizer
       self._word_starts = np.array([tokenizer.id_to_piece(i).startswith("▁") if i < tokenizer.get_piece_size()
                                     else False for i in range(self.vocabulary.vocab_size)])

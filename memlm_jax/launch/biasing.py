@@ -59,8 +59,7 @@ class CtcSpotter:
              bias_paddings: jax.Array) -> jax.Array:
     """[batch, top_k] indices of the spotted phrases (-1: none) from ctc_log_probs [batch, frames, vocab],
     frame_paddings [batch, frames] and the lists bias_tokens / bias_paddings [batch, phrases, phrase_len]."""
-    gains = ctc_spotting.phrase_gains(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)
-    return ctc_spotting.spotted_phrases(gains, bias_paddings, self.top_k, self.threshold)
+    return self.locate(ctc_log_probs, frame_paddings, bias_tokens, bias_paddings)[0]
 
   def locate(self, ctc_log_probs: jax.Array, frame_paddings: jax.Array, bias_tokens: jax.Array,
              bias_paddings: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
